@@ -1,0 +1,32 @@
+"""vit22b: ViT-22B and Swin Transformer V2 in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vit22b",
+    version="0.1.0",
+    description="Training the largest vision transformers (ViT-22B, Swin V2) with JAX, Flax, Optax, Orbax and Grain.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vit22b", "vit22b.*"]),
+    install_requires=[
+        "jax>=0.7,<0.11",
+        "flax>=0.11,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.12,<0.3",
+        "tensorflow-datasets>=4.9.9,<5",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scikit-learn>=1.4",  # ships the bundled digits dataset
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.8",
+        ],
+    },
+)

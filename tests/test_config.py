@@ -1,0 +1,116 @@
+"""Config parsing, validation before compilation, and every config in configs/ running at a tiny size."""
+import time
+
+import jax
+import pytest
+
+from conftest import CONFIGS, config, run_main
+from vit22b import config_check, models, train
+from vit22b.config_args import parse_arg
+
+ALL_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*.py"))
+
+
+def test_parse_arg_types():
+    a = parse_arg("variant=B/16,batch=256,runlocal", variant="22B/14", batch=65536, lr=1e-3, runlocal=False)
+    assert (a.variant, a.batch, a.lr, a.runlocal) == ("B/16", 256, 1e-3, True)
+    assert parse_arg("L/16", variant="22B/14", batch=1).variant == "L/16"  # bare value -> first key
+    with pytest.raises(ValueError, match="'batchsize'"):
+        parse_arg("batchsize=3", variant="x", batch=1)
+    with pytest.raises(ValueError, match="batch: expected int"):
+        parse_arg("batch=many", variant="x", batch=1)
+
+
+BAD = [
+    ({"model.num_heads": 5}, "config.model.width: width 64 is not divisible by model.num_heads = 5"),
+    ({"input.image_size": 9}, "config.input.image_size: image size 9 is not divisible by model.patch_size"),
+    ({"model.variant": "Q/16"}, "config.model.variant: unknown variant 'Q/16'"),
+    ({"optimizer": "lamb"}, "config.optimizer: unknown value 'lamb'"),
+    ({"loss": "hinge"}, "config.loss: unknown loss 'hinge'"),
+    ({"model.block": "serial"}, "config.model.block: 'serial' is not one of"),
+    ({"schedule.decay_type": "step"}, "config.schedule.decay_type"),
+    ({"total_steps": 0}, "config.total_steps: must be a positive integer"),
+    ({"input.batch_size": -4}, "config.input.batch_size"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_invalid_configs_name_the_field(overrides, message):
+    c = config("vit22b_digits")
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        with node.ignore_type():
+            node[leaf] = value
+    with pytest.raises(config_check.ConfigError) as e:
+        config_check.validate(c)
+    assert message in str(e.value)
+
+
+def test_unknown_keys_are_rejected():
+    c = config("vit22b_digits")
+    c.totl_steps = 3
+    with pytest.raises(config_check.ConfigError, match="config.totl_steps: unknown key"):
+        config_check.validate(c)
+    c = config("vit22b_digits")
+    c.model.qk_nrom = True
+    with pytest.raises(config_check.ConfigError, match="model.qk_nrom: unknown model key"):
+        config_check.validate(c)
+    c = config("vit22b_digits")
+    c.input.batchsize = 3
+    with pytest.raises(config_check.ConfigError, match="config.input.batchsize: unknown key"):
+        config_check.validate(c)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.num_heads=5", "config.model.width: width 64 is not divisible by model.num_heads = 5"),
+    ("--config.model.widht=5", "widht"),                       # unknown key in an override
+    ("--config.total_steps=abc", "total_steps"),                # malformed value
+    ("--config.model.patch_size=3", "config.input.image_size: image size 8 is not divisible"),
+])
+def test_cli_errors_before_compilation(tmp_path, flag, message):
+    start = time.time()
+    r = run_main(f"{CONFIGS}/vit22b_digits.py", tmp_path / "w", flag)
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "step " not in r.stdout and not (tmp_path / "w" / "checkpoints").exists()
+    print(f"{flag}: failed after {time.time() - start:.1f}s")
+
+
+def test_jft_config_without_the_dataset_stops_with_a_named_error(tmp_path):
+    r = run_main(f"{CONFIGS}/vit22b_jft.py", tmp_path / "w", f"--config.input.data_dir={tmp_path}/tfds")
+    assert r.returncode != 0
+    assert "dataset 'jft' not found" in r.stderr and f"{tmp_path}/tfds/jft" in r.stderr
+    assert "--config.input.data=" in r.stderr  # says how to point the config elsewhere
+    assert "Traceback" not in r.stderr
+
+
+def test_jft_config_is_the_paper_recipe():
+    c = config("vit22b_jft", arg=None)
+    kw = config_check.validate(c)
+    assert (kw["width"], kw["depth"], kw["mlp_dim"], kw["num_heads"], kw["patch_size"]) == (6144, 48, 24576, 48, 14)
+    assert (kw["block"], kw["qk_norm"], kw["qkv_bias"], kw["norm"], kw["head"]) == (
+        "parallel", True, False, "rmsnorm", "map")
+    assert c.input.image_size // 14 == 16 and c.input.batch_size == 65_536
+    assert c.loss == "sigmoid_xent" and c.optimizer == "adafactor_bv"
+    assert c.optimizer_kw.momentum_dtype == "bfloat16"
+    assert c.schedule.decay_type == "rsqrt" and c.schedule.warmup_steps == 10_000
+    assert c.schedule.cooldown_steps == 30_000 and c.lr == 1e-3
+    assert c.wd == 0.03 and c.wd_mults[0] == ("head/kernel", 100.0)  # head 3.0, body 0.03
+    model = models.build("vit", c.model, 29_593)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 224, 224, 3))))
+    assert "map_head" in params["params"]
+    # The smaller variants of the same recipe come from the config arg.
+    assert config_check.validate(config("vit22b_jft", arg="variant=B/16,batch=4096"))["width"] == 768
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_config_runs_at_a_tiny_size(name, tmp_path):
+    c = config(name, "runlocal", total_steps=6, log_every=3, eval_every=6, checkpoint_every=6)
+    c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+    c.input.batch_size = 8
+    out = train.run(c, str(tmp_path))
+    assert out["step"] == 6 and 0.0 <= out["eval/accuracy"] <= 1.0
+    assert (tmp_path / "checkpoints" / "6").is_dir()

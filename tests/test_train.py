@@ -1,0 +1,122 @@
+"""The training loop: learning, exact resume after SIGKILL, SIGTERM checkpoints, non-finite loss stops."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from conftest import CONFIGS, REPO, config, main_cmd
+from vit22b import checkpointing, train
+from vit22b.metrics_writer import read_metrics
+
+TOTAL = 80
+FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every=1", "--config.checkpoint_every=10",
+         "--config.eval_every=1000", "--config.input.batch_size=16")
+SPEC = f"{CONFIGS}/vit22b_digits.py:runlocal"
+
+
+def start(workdir):
+    return subprocess.Popen(main_cmd(SPEC, workdir, *FLAGS), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def logged_steps(workdir):
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return sum(1 for line in f if '"train/loss"' in line)
+    except FileNotFoundError:
+        return 0
+
+
+def run_until(workdir, min_steps, sig):
+    """Start a run, wait until it has logged `min_steps` steps, then send `sig`."""
+    p = start(workdir)
+    deadline = time.time() + 240
+    while logged_steps(workdir) < min_steps and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, f"run ended before step {min_steps}: {p.stderr.read()[-2000:]}"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, out, err
+
+
+def losses(workdir):
+    rows = [r for r in read_metrics(workdir) if "train/loss" in r]
+    return [r["step"] for r in rows], [r["train/loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    p = start(workdir)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    steps, values = losses(workdir)
+    assert steps == list(range(1, TOTAL + 1))
+    return values
+
+
+def test_sigkill_at_any_moment_resumes_to_the_identical_loss_sequence(tmp_path, reference):
+    rng = np.random.default_rng(0)
+    # Kill twice at random steps (also while an async checkpoint may be in flight), then finish.
+    for lo, hi in ((5, 35), (40, 75)):
+        code, _, _ = run_until(tmp_path, int(rng.integers(lo, hi)), signal.SIGKILL)
+        assert code == -signal.SIGKILL
+    p = start(tmp_path)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    steps, values = losses(tmp_path)
+    assert steps == list(range(1, TOTAL + 1))
+    assert values == reference  # bitwise: JSON keeps every float32 digit
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, reference):
+    code, out, err = run_until(tmp_path, 23, signal.SIGTERM)
+    assert code == 0, err[-3000:]
+    saved = int(out.split("SIGTERM: saved a checkpoint at step ")[1].split(";")[0])
+    assert 23 <= saved < TOTAL  # saved where it stopped (usually between the periodic steps)
+    assert (tmp_path / "checkpoints" / str(saved)).is_dir()
+    assert losses(tmp_path)[0][-1] == saved
+    p = start(tmp_path)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and f"Resumed from step {saved}" in err
+    assert losses(tmp_path)[1] == reference
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = train.to_device
+
+    def poisoned(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 15:  # the batch of step 15
+            batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return original(batch, mesh)
+
+    monkeypatch.setattr(train, "to_device", poisoned)
+    c = config("vit22b_digits", total_steps=40, log_every=5, checkpoint_every=5, eval_every=100)
+    with pytest.raises(train.NonFiniteLossError, match="train/loss is nan at step 15"):
+        train.run(c, str(tmp_path))
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == 10  # step 15's state was never written
+    manager = checkpointing.make_manager(str(tmp_path), 2)
+    assert manager.latest_step() == 10
+    manager.close()
+
+
+def test_digits_training_learns(tmp_path):
+    c = config("vit22b_digits", "steps=300", log_every=50, eval_every=300, checkpoint_every=300)
+    c.schedule.warmup_steps = 30
+    out = train.run(c, str(tmp_path))
+    rows = read_metrics(str(tmp_path))
+    train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert train_losses[-1] < 0.2 * train_losses[0]
+    assert out["eval/accuracy"] >= 0.9, out
+    keys = set().union(*rows)
+    assert {"step", "train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "eval/accuracy"} <= keys
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert (tmp_path / "checkpoints" / "300").is_dir()
+    assert json.loads((tmp_path / "config.json").read_text())["input"]["data"] == "digits"

@@ -1,0 +1,34 @@
+"""Orbax checkpoints of the train state plus the input iterator position.
+
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed at any moment
+leaves only whole checkpoints; a restart restores the newest one.
+"""
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir, keep):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(manager, step, state, data_state):
+    """Asynchronous: returns once the arrays are copied off the devices; the write goes on behind."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    manager.save(step, args=args, force=True)
+
+
+def restore_latest(manager, abstract_state):
+    """(step, state, data_state) from the newest checkpoint, placed with abstract_state's shardings; or None."""
+    step = manager.latest_step()
+    if step is None:
+        return None
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    restored = manager.restore(step, args=args)
+    return step, restored["state"], restored["data"]
+
+
+def abstract_like(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,87 @@
+"""Config validation that runs before any data loading or compilation; errors name the field."""
+import re
+
+from vit22b import losses, models, optim
+from vit22b.models import vit
+
+TOP_KEYS = {
+    "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+    "model_name", "model", "input", "loss", "label_smoothing",
+    "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule",
+}
+INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
+              "num_threads", "prefetch"}
+POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                 "input.batch_size", "input.eval_batch_size", "input.image_size")
+CHOICES = {"block": vit.BLOCKS, "norm": vit.NORMS, "head": vit.HEADS, "posemb": vit.POSEMBS,
+           "remat_policy": tuple(vit.REMAT_POLICIES)}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check(cond, field, msg):
+    if not cond:
+        raise ConfigError(f"config.{field}: {msg}")
+
+
+def validate(config):
+    """Raise ConfigError naming the first bad field. Returns the resolved model constructor kwargs."""
+    for key in config:
+        _check(key in TOP_KEYS, key, f"unknown key; known top-level keys: {sorted(TOP_KEYS)}")
+    for key in ("total_steps", "model", "input", "loss", "optimizer", "lr", "schedule"):
+        _check(key in config, key, "is required")
+    for key in config.input:
+        _check(key in INPUT_KEYS, f"input.{key}", f"unknown key; known input keys: {sorted(INPUT_KEYS)}")
+    for key in ("data", "batch_size", "image_size"):
+        _check(key in config.input, f"input.{key}", "is required")
+    for field in POSITIVE_INTS:
+        try:
+            value = _get(config, field)
+        except KeyError:
+            continue
+        _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
+               f"must be a positive integer, got {value!r}")
+
+    _check(config.loss in losses.LOSSES, "loss", f"unknown loss {config.loss!r}; expected one of {losses.LOSSES}")
+    ls = config.get("label_smoothing", 0.0)
+    _check(0.0 <= ls < 1.0, "label_smoothing", f"must be in [0, 1), got {ls}")
+    _check(config.lr > 0, "lr", f"must be positive, got {config.lr}")
+    try:  # both raise ValueErrors that start with the field name
+        optim.base_optimizer(config.optimizer, dict(config.get("optimizer_kw", {})))
+        optim.make_schedule(config.schedule, config.total_steps)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    for i, rule in enumerate(config.get("wd_mults", ()) or ()):
+        _check(len(rule) == 2, f"wd_mults[{i}]", f"expected (regex, multiplier), got {rule!r}")
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ConfigError(f"config.wd_mults[{i}]: bad regex {rule[0]!r}: {e}") from None
+
+    try:
+        kw = models.vit_kwargs(config.model, num_classes=1)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    if config.get("model_name", "vit") != "vit":
+        raise ConfigError(f"config.model_name: unknown model {config.model_name!r}; expected 'vit'")
+    for key, choices in CHOICES.items():
+        _check(kw[key] in choices, f"model.{key}", f"{kw[key]!r} is not one of {choices}")
+    for key in models.SHAPE_KEYS:
+        _check(isinstance(kw[key], int) and kw[key] > 0, f"model.{key}", f"must be a positive integer, got {kw[key]!r}")
+    _check(kw["width"] % kw["num_heads"] == 0, "model.width",
+           f"width {kw['width']} is not divisible by model.num_heads = {kw['num_heads']}")
+    size, patch = config.input.image_size, kw["patch_size"]
+    _check(size % patch == 0, "input.image_size",
+           f"image size {size} is not divisible by model.patch_size = {patch}")
+    if kw["posemb"] == "sincos2d":
+        _check(kw["width"] % 4 == 0, "model.width", "sincos2d position embedding needs width % 4 == 0")
+    return kw

@@ -1,0 +1,282 @@
+"""The ViT family, with every ViT-22B change (arXiv 2302.05442) as a switch.
+
+ViT-22B design = block='parallel', qk_norm=True, qkv_bias=False, norm='rmsnorm', head='map'.
+Classic ViT     = block='sequential', qk_norm=False, qkv_bias=True, norm='layernorm', head='token'.
+
+Parameters carry logical axis names (see vit22b/sharding.py); activations are annotated with
+`nn.with_logical_constraint`, which is a no-op outside a mesh context.
+"""
+import dataclasses
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
+# 22B from arXiv 2302.05442 (mlp = 4 * width reproduces its 21.74B parameters).
+VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+    "e": (1792, 56, 15360, 16),
+    "22B": (6144, 48, 24576, 48),
+}
+
+BLOCKS = ("parallel", "sequential")
+NORMS = ("rmsnorm", "layernorm")
+HEADS = ("map", "gap", "token")
+POSEMBS = ("learn", "sincos2d")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+Dtype = Any
+
+
+def decode_variant(variant):
+    """'B/16' -> dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)."""
+    m = re.fullmatch(r"(\w+?)/(\d+)", variant or "")
+    if not m or m.group(1) not in VARIANTS:
+        raise ValueError(
+            f"model.variant: unknown variant {variant!r}; expected NAME/PATCH with NAME in "
+            f"{sorted(VARIANTS)} and any patch size, e.g. 'B/16' or '22B/14'")
+    width, depth, mlp_dim, heads = VARIANTS[m.group(1)]
+    return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(m.group(2)))
+
+
+def _p(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense(x, kernel, dtype):
+    """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU)."""
+    y = jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype),
+                   preferred_element_type=jnp.float32)
+    return y.astype(dtype)
+
+
+def make_norm(kind, dtype, param_dtype, name, axes=("embed",)):
+    """'rmsnorm' is the ViT-22B scale-only norm (no centering, no bias); 'layernorm' is classic."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+                          scale_init=_p(nn.initializers.ones, axes), name=name)
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+                        scale_init=_p(nn.initializers.ones, axes),
+                        bias_init=_p(nn.initializers.zeros, axes), name=name)
+
+
+def attend(q, k, v, dtype):
+    """Softmax attention over [batch, length, heads, head_dim]; logits and softmax in float32."""
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype),
+                        preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(dtype)
+
+
+def posemb_sincos_2d(h, w, width, temperature=10_000.0):
+    """Fixed 2-D sin-cos position embedding, [1, h*w, width] (MoCo v3 / big_vision layout)."""
+    if width % 4:
+        raise ValueError(f"model.width: sincos2d position embedding needs width % 4 == 0, got {width}")
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4 - 1 or 1))
+    y = np.einsum("m,d->md", y.flatten(), omega)
+    x = np.einsum("m,d->md", x.flatten(), omega)
+    pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+    return jnp.asarray(pe, jnp.float32)[None]
+
+
+class ParallelBlock(nn.Module):
+    """ViT-22B block: y = x + Attn(N(x)) + MLP(N(x)) with one fused input and one fused output matmul.
+
+    in_kernel  [d, 3d + m]: columns are [q | k | v | mlp] (timm's ParallelScalingBlock order).
+    out_kernel [d + m, d] applied to concat(attention output, gelu(mlp hidden)).
+    """
+    num_heads: int
+    mlp_dim: int
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    norm: str = "rmsnorm"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        d, m, h = x.shape[-1], self.mlp_dim, self.num_heads
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm")(x)
+        w_in = self.param("in_kernel", _p(nn.initializers.xavier_uniform(), ("embed", "fused")),
+                          (d, 3 * d + m), self.param_dtype)
+        z = dense(y, w_in, self.dtype)
+        mlp_bias = self.param("mlp_bias", _p(nn.initializers.normal(1e-6), ("mlp",)), (m,), self.param_dtype)
+        if self.qkv_bias:
+            qkv_bias = self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,), self.param_dtype)
+        else:
+            qkv_bias = jnp.zeros((3 * d,), self.param_dtype)
+        z = z + jnp.concatenate([qkv_bias, mlp_bias]).astype(self.dtype)
+        q, k, v, hidden = jnp.split(z, [d, 2 * d, 3 * d], axis=-1)
+        q, k, v = (t.reshape(t.shape[:-1] + (h, d // h)) for t in (q, k, v))
+        if self.qk_norm:  # per head, after the projection, over head_dim
+            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",))(q)
+            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",))(k)
+        a = attend(q, k, v, self.dtype).reshape(x.shape[:-1] + (d,))
+        hidden = nn.gelu(hidden, approximate=False)
+        w_out = self.param("out_kernel", _p(nn.initializers.xavier_uniform(), ("fused", "embed")),
+                           (d + m, d), self.param_dtype)
+        b_out = self.param("out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,), self.param_dtype)
+        out = dense(jnp.concatenate([a, hidden], axis=-1), w_out, self.dtype) + b_out.astype(self.dtype)
+        return x + out, None
+
+
+class SequentialBlock(nn.Module):
+    """Classic pre-norm block: x + Attn(N1(x)), then + MLP(N2(x)). Same switches as ParallelBlock."""
+    num_heads: int
+    mlp_dim: int
+    qk_norm: bool = False
+    qkv_bias: bool = True
+    norm: str = "layernorm"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        d, m, h = x.shape[-1], self.mlp_dim, self.num_heads
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        xavier = nn.initializers.xavier_uniform()
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm1")(x)
+        qkv = dense(y, self.param("qkv_kernel", _p(xavier, ("embed", "fused")), (d, 3 * d), self.param_dtype),
+                    self.dtype)
+        if self.qkv_bias:
+            qkv = qkv + self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,),
+                                   self.param_dtype).astype(self.dtype)
+        q, k, v = (t.reshape(t.shape[:-1] + (h, d // h)) for t in jnp.split(qkv, 3, axis=-1))
+        if self.qk_norm:
+            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",))(q)
+            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",))(k)
+        a = attend(q, k, v, self.dtype).reshape(x.shape[:-1] + (d,))
+        a = dense(a, self.param("attn_out_kernel", _p(xavier, ("heads", "embed")), (d, d), self.param_dtype),
+                  self.dtype)
+        a = a + self.param("attn_out_bias", _p(nn.initializers.zeros, ("embed",)), (d,),
+                           self.param_dtype).astype(self.dtype)
+        x = x + a
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm2")(x)
+        hidden = dense(y, self.param("mlp_in_kernel", _p(xavier, ("embed", "mlp")), (d, m), self.param_dtype),
+                       self.dtype)
+        hidden = hidden + self.param("mlp_in_bias", _p(nn.initializers.normal(1e-6), ("mlp",)), (m,),
+                                     self.param_dtype).astype(self.dtype)
+        hidden = nn.gelu(hidden, approximate=False)
+        out = dense(hidden, self.param("mlp_out_kernel", _p(xavier, ("mlp", "embed")), (m, d),
+                                       self.param_dtype), self.dtype)
+        out = out + self.param("mlp_out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,),
+                               self.param_dtype).astype(self.dtype)
+        return x + out, None
+
+
+class MAPHead(nn.Module):
+    """Multi-head attention pooling: a learned probe attends over the tokens (big_vision's MAPHead)."""
+    num_heads: int
+    mlp_dim: int
+    norm: str
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        probe = self.param("probe", _p(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                           (1, 1, d), self.param_dtype)
+        probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
+        x = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=nn.initializers.xavier_uniform(), name="attention")(probe, x)
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm")(x)
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_in")(y)
+        y = nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_out")(
+            nn.gelu(y, approximate=False))
+        return (x + y)[:, 0]
+
+
+class ViT(nn.Module):
+    """Vision Transformer; the defaults are the ViT-22B design. Input: NHWC images in [-1, 1]."""
+    num_classes: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    patch_size: int
+    block: str = "parallel"
+    qk_norm: bool = True
+    qkv_bias: bool = False
+    norm: str = "rmsnorm"
+    head: str = "map"
+    posemb: str = "learn"
+    head_bias_init: float = 0.0
+    scan: bool = True
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _block(self):
+        cls = ParallelBlock if self.block == "parallel" else SequentialBlock
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
+        kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                  norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        return cls, kw
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        del train  # no dropout or stochastic depth in the ViT-22B recipe
+        p = self.patch_size
+        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="embedding",
+                    kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                    bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        if self.posemb == "learn":
+            pe = self.param("pos_embedding", _p(nn.initializers.normal(1 / np.sqrt(d)), (None, "length", "embed")),
+                            (1, h * w, d), self.param_dtype)
+        else:
+            pe = posemb_sincos_2d(h, w, d)
+        x = x + pe.astype(self.dtype)
+        if self.head == "token":
+            cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d), self.param_dtype)
+            x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
+
+        block_cls, kw = self._block()
+        if self.scan:
+            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(**kw, name="blocks")(x, None)
+        else:
+            for i in range(self.depth):
+                x, _ = block_cls(**kw, name=f"block_{i:02d}")(x, None)
+        x = make_norm(self.norm, self.dtype, self.param_dtype, "encoder_norm")(x)
+
+        if self.head == "map":
+            x = MAPHead(self.num_heads, self.mlp_dim, self.norm, self.dtype, self.param_dtype, name="map_head")(x)
+        elif self.head == "gap":
+            x = x.mean(axis=1)
+        else:
+            x = x[:, 0]
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
+                          kernel_init=_p(nn.initializers.zeros, ("embed", "classes")),
+                          bias_init=_p(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)
+        return logits.astype(jnp.float32)
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))

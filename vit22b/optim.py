@@ -1,0 +1,135 @@
+"""One Optax chain built from the config: clip -> optimizer -> decoupled weight decay -> lr schedule.
+
+Weight decay follows the AdamW convention: each step subtracts lr_t * wd * mult * param, where `mult` comes
+from the first regex in `config.wd_mults` that fully matches the parameter path ('blocks/in_kernel',
+'head/kernel', ...); parameters that no rule matches are not decayed.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+OPTIMIZERS = {
+    # big_vision's Adafactor: factored second moment with beta2_t = min(0.999, 1 - t^-0.8), eps 1e-30,
+    # bf16 momentum 0.9 (an EMA without debiasing), no update clipping.
+    "adafactor_bv": dict(decay_rate=0.8, beta2_cap=0.999, min_dim_size_to_factor=32, momentum=0.9,
+                         momentum_dtype="bfloat16", eps=1e-30),
+    "adamw": dict(b1=0.9, b2=0.999, eps=1e-8, mu_dtype="float32"),
+    "sgd": dict(momentum=0.9, nesterov=False),
+}
+SCHEDULES = {
+    "rsqrt": dict(warmup_steps=0, cooldown_steps=0, timescale=10_000),
+    "cosine": dict(warmup_steps=0, min_mult=0.0),
+    "constant": dict(warmup_steps=0, cooldown_steps=0),
+}
+
+
+def _options(table, name, given, name_field, options_field):
+    if name not in table:
+        raise ValueError(f"{name_field}: unknown value {name!r}; expected one of {sorted(table)}")
+    unknown = set(given) - set(table[name]) - {"decay_type"}
+    if unknown:
+        raise ValueError(f"{options_field}.{sorted(unknown)[0]}: not an option of {name!r}; "
+                         f"options: {sorted(table[name])}")
+    return {**table[name], **{k: v for k, v in given.items() if k != "decay_type"}}
+
+
+def make_schedule(schedule_cfg, total_steps):
+    """Returns step -> multiplier in [0, 1] of the base learning rate (step = updates already applied)."""
+    cfg = dict(schedule_cfg)
+    kind = cfg.get("decay_type", "constant")
+    o = _options(SCHEDULES, kind, cfg, "schedule.decay_type", "schedule")
+    warmup, cooldown = o["warmup_steps"], o.get("cooldown_steps", 0)
+    if warmup + cooldown > total_steps:
+        raise ValueError(f"schedule.warmup_steps + cooldown_steps = {warmup + cooldown} exceeds total_steps "
+                         f"= {total_steps}")
+
+    def fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        mult = jnp.minimum(1.0, (step + 1.0) / warmup) if warmup else jnp.ones_like(step)
+        if kind == "rsqrt":
+            mult = mult / jnp.sqrt(1.0 + jnp.maximum(step - warmup, 0.0) / o["timescale"])
+        elif kind == "cosine":
+            progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+            mult = mult * (o["min_mult"] + (1.0 - o["min_mult"]) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        if cooldown:
+            mult = mult * jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
+        return mult
+
+    return fn
+
+
+def _adafactor_bv(decay_rate, beta2_cap, min_dim_size_to_factor, momentum, momentum_dtype, eps):
+    def beta2(step, exponent):
+        return jnp.minimum(beta2_cap, 1.0 - (jnp.asarray(step, jnp.float32) + 1.0) ** (-exponent))
+
+    rms = optax.scale_by_factored_rms(decay_rate=decay_rate, min_dim_size_to_factor=min_dim_size_to_factor,
+                                      epsilon=eps, decay_rate_fn=beta2)
+    mom = (optax.ema(momentum, debias=False, accumulator_dtype=jnp.dtype(momentum_dtype))
+           if momentum else optax.identity())
+    return optax.chain(rms, mom)
+
+
+def base_optimizer(name, kw):
+    o = _options(OPTIMIZERS, name, kw, "optimizer", "optimizer_kw")
+    if name == "adafactor_bv":
+        return _adafactor_bv(**o)
+    if name == "adamw":
+        return optax.scale_by_adam(b1=o["b1"], b2=o["b2"], eps=o["eps"], mu_dtype=jnp.dtype(o["mu_dtype"]))
+    return optax.trace(decay=o["momentum"], nesterov=o["nesterov"]) if o["momentum"] else optax.identity()
+
+
+def path_name(path):
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def wd_multipliers(params, rules):
+    """Tree of per-parameter multipliers; a rule that matches no parameter is an error (likely a typo)."""
+    compiled = [(re.compile(pattern), float(mult)) for pattern, mult in rules]
+    used = [False] * len(compiled)
+
+    def mult(path, _):
+        name = path_name(path)
+        for i, (rx, m) in enumerate(compiled):
+            if rx.fullmatch(name):
+                used[i] = True
+                return m
+        return 0.0
+
+    tree = jax.tree_util.tree_map_with_path(mult, params)
+    for (pattern, _), u in zip(rules, used):
+        if not u:
+            raise ValueError(f"wd_mults: rule {pattern!r} matches no parameter; names look like "
+                             f"{[path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)][:6]}")
+    return tree
+
+
+def add_decayed_weights(wd, mults):
+    def update(updates, state, params):
+        new = jax.tree.map(lambda u, p, m: u + (wd * m) * p if m else u, updates, params, mults)
+        return new, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def make_optimizer(config, params):
+    """Returns (optax transformation, lr(step) function giving the absolute learning rate)."""
+    sched = make_schedule(config.schedule, config.total_steps)
+
+    def lr_fn(step):
+        return config.lr * sched(step)
+
+    parts = []
+    if config.get("grad_clip_norm"):
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    parts.append(base_optimizer(config.optimizer, dict(config.get("optimizer_kw", {}))))
+    if config.get("wd"):
+        parts.append(add_decayed_weights(config.wd, wd_multipliers(params, config.wd_mults)))
+    parts.append(optax.scale_by_schedule(lambda step: -lr_fn(step)))
+    return optax.chain(*parts), lr_fn
+
+
+def count_params(params):
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

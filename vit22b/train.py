@@ -1,0 +1,233 @@
+"""The training loop: jitted, sharded, donated train step; periodic exact evaluation; Orbax checkpoints.
+
+`run(config, workdir)` is everything `python -m vit22b.main` does; the pieces (`build_model`,
+`create_train_state`, `make_train_step`, `evaluate`) are importable for notebooks.
+"""
+import math
+import os
+import signal
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from vit22b import checkpointing, config_check, input_pipeline, losses, models, optim, sharding
+from vit22b.metrics_writer import MetricsWriter
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def build_model(config, num_classes):
+    return models.build(config.get("model_name", "vit"), config.model, num_classes)
+
+
+def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
+    """Initialise {params, opt_state, step, rng} directly with its shardings (never on one device first).
+
+    Returns (state, state_shardings, tx, lr_fn).
+    """
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    boxed = jax.eval_shape(lambda: model.init(init_rng, dummy))["params"]
+    p_shardings = sharding.param_shardings(boxed, mesh, rules)
+    tx, lr_fn = optim.make_optimizer(config, nn.meta.unbox(boxed))
+
+    def init(rng):
+        params = nn.meta.unbox(model.init(rng, dummy)["params"])
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "rng": train_rng}
+
+    abstract = jax.eval_shape(init, init_rng)
+    # Parameters follow their logical axes; for now the optimizer state is replicated (scale-out shards it).
+    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
+    shardings["params"] = p_shardings
+    state = jax.jit(init, out_shardings=shardings)(init_rng)
+    return state, shardings, tx, lr_fn
+
+
+def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, rules=sharding.DEFAULT_RULES):
+    smoothing = config.get("label_smoothing", 0.0)
+
+    def step_fn(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_fn(params):
+            with nn.logical_axis_rules(rules):
+                logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+            return losses.per_example_loss(config.loss, logits, batch["label"], smoothing).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"]),
+                   "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    data = sharding.batch_sharding(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, data), out_shardings=(state_shardings,
+                   sharding.replicated(mesh)), donate_argnums=0)
+
+
+def make_eval_step(model, config, param_shardings, mesh):
+    def eval_fn(params, batch):
+        logits = model.apply({"params": params}, batch["image"])
+        mask = batch["mask"]
+        loss = losses.per_example_loss(config.loss, logits, batch["label"])
+        correct = losses.top1_correct(logits, batch["label"])
+        return {"correct": (correct * mask).sum(), "loss": (loss * mask).sum(), "count": mask.sum()}
+
+    return jax.jit(eval_fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def to_device(batch, mesh):
+    s = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, source, config, mesh):
+    """Top-1 accuracy and mean loss over every example of `source` exactly once."""
+    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in input_pipeline.eval_batches(
+            source, batch_size=config.input.get("eval_batch_size", config.input.batch_size),
+            image_size=config.input.image_size, process_index=jax.process_index(),
+            process_count=jax.process_count()):
+        out = jax.device_get(eval_step(params, to_device(batch, mesh)))
+        for k in totals:
+            totals[k] += float(out[k])
+    if int(totals["count"]) != len(source):
+        raise RuntimeError(f"evaluation saw {totals['count']} examples, the split has {len(source)}")
+    return {"eval/accuracy": totals["correct"] / totals["count"], "eval/loss": totals["loss"] / totals["count"]}
+
+
+def load_data(config):
+    """Dataset definition plus train/eval sources; a missing dataset fails here, before any compilation."""
+    module = input_pipeline.dataset_module(config.input.data)
+    ddir = input_pipeline.data_dir(config.input)
+    train_src = module.load(config.input.get("split", "train"), ddir)
+    eval_split = config.input.get("eval_split")
+    eval_src = module.load(eval_split, ddir) if eval_split else None
+    shape = module.IMAGE_SHAPE
+    size = config.input.image_size
+    if shape is not None and tuple(shape[:2]) != (size, size):
+        raise config_check.ConfigError(
+            f"config.input.image_size: {size} does not match dataset {config.input.data!r}, whose images are "
+            f"{shape[0]}x{shape[1]}")
+    channels = shape[2] if shape is not None else 3
+    return module, train_src, eval_src, (size, size, channels)
+
+
+def _check_finite(pending):
+    for step, m in pending:
+        for key in ("loss", "grad_norm"):
+            if not np.isfinite(m[key]):
+                raise NonFiniteLossError(
+                    f"train/{key} is {m[key]} at step {step}; stopping. The last good checkpoint is kept.")
+
+
+def run(config, workdir):
+    """Train (or resume) according to `config` in `workdir`. Returns the last metrics logged."""
+    config_check.validate(config)
+    module, train_src, eval_src, image_shape = load_data(config)
+    mesh = sharding.make_mesh()
+    sharding.check_batch(config.input.batch_size, mesh)
+    is_main = jax.process_index() == 0
+    model = build_model(config, module.NUM_CLASSES)
+
+    state, shardings, tx, lr_fn = create_train_state(model, config, mesh, image_shape)
+    n_params = optim.count_params(state["params"])
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    dataset = input_pipeline.train_dataset(
+        train_src, seed=config.seed, batch_size=config.input.batch_size, image_size=config.input.image_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = input_pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
+                                             config.input.get("prefetch", 8))
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings))
+    if restored is not None:
+        start, state, data_state = restored
+        iterator.set_state(data_state)
+        logging.info("Resumed from step %d in %s", start, workdir)
+    else:
+        start = 0
+    writer = MetricsWriter(workdir, resumed_step=start, enabled=is_main)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        print(f"{model.__class__.__name__} with {n_params:,} parameters; {jax.device_count()} devices; "
+              f"steps {start}..{config.total_steps}", flush=True)
+
+    train_step = make_train_step(model, tx, lr_fn, config, shardings, mesh)
+    eval_step = make_eval_step(model, config, shardings["params"], mesh)
+
+    stop = {"sigterm": False}
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+
+    total, batch_size = config.total_steps, config.input.batch_size
+    pending, last = [], {}
+    t0, step0 = time.perf_counter(), start
+    try:
+        for step in range(start + 1, total + 1):
+            state, metrics = train_step(state, to_device(next(iterator), mesh))
+            pending.append((step, metrics))
+            final = step == total or stop["sigterm"]
+            do_log = step % config.log_every == 0 or final
+            do_eval = eval_src is not None and (step % config.eval_every == 0 or step == total)
+            do_ckpt = step % config.checkpoint_every == 0 or final
+            if not (do_log or do_eval or do_ckpt):
+                continue
+            pending = [(s, jax.device_get(m)) for s, m in pending]
+            _check_finite(pending)
+            if do_log:
+                dt = time.perf_counter() - t0
+                steps_per_s = (step - step0) / dt
+                m = dict(pending[-1][1])
+                row = {f"train/{k}": v for k, v in m.items()}
+                row.update({"train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * batch_size})
+                writer.write(step, row)
+                last.update(row)
+                eta = (total - step) / steps_per_s if steps_per_s else math.inf
+                if is_main:
+                    print(f"step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.3g} "
+                          f"steps/s {steps_per_s:.2f} img/s {steps_per_s * batch_size:.1f} "
+                          f"ETA {_fmt_time(eta)}", flush=True)
+                t0, step0 = time.perf_counter(), step
+            pending = []
+            if do_eval:
+                ev = evaluate(eval_step, state["params"], eval_src, config, mesh)
+                writer.write(step, ev)
+                last.update(ev)
+                if is_main:
+                    print(f"step {step}/{total} eval/accuracy {ev['eval/accuracy']:.4f} "
+                          f"eval/loss {ev['eval/loss']:.4f} ({len(eval_src)} examples)", flush=True)
+                t0 = time.perf_counter()  # keep eval time out of the training throughput
+            if do_ckpt:
+                checkpointing.save(manager, step, state, iterator.get_state())
+            if stop["sigterm"]:
+                if is_main:
+                    print(f"SIGTERM: saved a checkpoint at step {step}; exiting.", flush=True)
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+    last["step"] = int(jax.device_get(state["step"]))
+    return last
+
+
+def _fmt_time(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
