@@ -56,7 +56,7 @@ def test_unknown_keys_are_rejected():
         config_check.validate(c)
     c = config("vit22b_digits")
     c.model.qk_nrom = True
-    with pytest.raises(config_check.ConfigError, match="model.qk_nrom: unknown model key"):
+    with pytest.raises(config_check.ConfigError, match="model.qk_nrom: unknown vit model key"):
         config_check.validate(c)
     c = config("vit22b_digits")
     c.input.batchsize = 3

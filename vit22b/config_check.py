@@ -2,19 +2,16 @@
 import re
 
 from vit22b import losses, models, optim
-from vit22b.models import vit
 
 TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "model_name", "model", "input", "loss", "label_smoothing",
-    "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule",
+    "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule", "model_init",
 }
 INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
               "num_threads", "prefetch"}
 POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                  "input.batch_size", "input.eval_batch_size", "input.image_size")
-CHOICES = {"block": vit.BLOCKS, "norm": vit.NORMS, "head": vit.HEADS, "posemb": vit.POSEMBS,
-           "remat_policy": tuple(vit.REMAT_POLICIES)}
 
 
 class ConfigError(ValueError):
@@ -68,20 +65,7 @@ def validate(config):
             raise ConfigError(f"config.wd_mults[{i}]: bad regex {rule[0]!r}: {e}") from None
 
     try:
-        kw = models.vit_kwargs(config.model, num_classes=1)
+        return models.resolve(config.get("model_name", "vit"), config.model, num_classes=1,
+                              image_size=config.input.image_size)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
-    if config.get("model_name", "vit") != "vit":
-        raise ConfigError(f"config.model_name: unknown model {config.model_name!r}; expected 'vit'")
-    for key, choices in CHOICES.items():
-        _check(kw[key] in choices, f"model.{key}", f"{kw[key]!r} is not one of {choices}")
-    for key in models.SHAPE_KEYS:
-        _check(isinstance(kw[key], int) and kw[key] > 0, f"model.{key}", f"must be a positive integer, got {kw[key]!r}")
-    _check(kw["width"] % kw["num_heads"] == 0, "model.width",
-           f"width {kw['width']} is not divisible by model.num_heads = {kw['num_heads']}")
-    size, patch = config.input.image_size, kw["patch_size"]
-    _check(size % patch == 0, "input.image_size",
-           f"image size {size} is not divisible by model.patch_size = {patch}")
-    if kw["posemb"] == "sincos2d":
-        _check(kw["width"] % 4 == 0, "model.width", "sincos2d position embedding needs width % 4 == 0")
-    return kw

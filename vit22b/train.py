@@ -25,7 +25,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model(config, num_classes):
-    return models.build(config.get("model_name", "vit"), config.model, num_classes)
+    return models.build(config.get("model_name", "vit"), config.model, num_classes, config.input.image_size)
 
 
 def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
@@ -115,13 +115,8 @@ def load_data(config):
     train_src = module.load(config.input.get("split", "train"), ddir)
     eval_split = config.input.get("eval_split")
     eval_src = module.load(eval_split, ddir) if eval_split else None
-    shape = module.IMAGE_SHAPE
-    size = config.input.image_size
-    if shape is not None and tuple(shape[:2]) != (size, size):
-        raise config_check.ConfigError(
-            f"config.input.image_size: {size} does not match dataset {config.input.data!r}, whose images are "
-            f"{shape[0]}x{shape[1]}")
-    channels = shape[2] if shape is not None else 3
+    size = config.input.image_size  # images of another size are resized by the pipeline
+    channels = module.IMAGE_SHAPE[2] if module.IMAGE_SHAPE is not None else 3
     return module, train_src, eval_src, (size, size, channels)
 
 
@@ -179,7 +174,8 @@ def run(config, workdir):
         for step in range(start + 1, total + 1):
             state, metrics = train_step(state, to_device(next(iterator), mesh))
             pending.append((step, metrics))
-            final = step == total or stop["sigterm"]
+            sigterm = stop["sigterm"]  # read once: the signal may land anywhere in this iteration
+            final = step == total or sigterm
             do_log = step % config.log_every == 0 or final
             do_eval = eval_src is not None and (step % config.eval_every == 0 or step == total)
             do_ckpt = step % config.checkpoint_every == 0 or final
@@ -212,7 +208,7 @@ def run(config, workdir):
                 t0 = time.perf_counter()  # keep eval time out of the training throughput
             if do_ckpt:
                 checkpointing.save(manager, step, state, iterator.get_state())
-            if stop["sigterm"]:
+            if sigterm:
                 if is_main:
                     print(f"SIGTERM: saved a checkpoint at step {step}; exiting.", flush=True)
                 break

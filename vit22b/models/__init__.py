@@ -1,40 +1,109 @@
-"""Model registry: `config.model_name` picks a module here, `config.model` holds its settings."""
+"""Model registry: `config.model_name` picks a family, `config.model` holds its settings.
+
+`resolve(name, model_cfg, num_classes, image_size)` turns a config into constructor kwargs and checks them,
+raising ValueErrors that start with the config field (`model.width: ...`) before anything is traced.
+"""
+import dataclasses
+
 import jax.numpy as jnp
 
-from vit22b.models import vit
+from vit22b.models import swinv2, vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+VIT_SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+SWIN_SHAPE_KEYS = ("embed_dim", "depths", "num_heads", "drop_path_rate")
+FAMILIES = {"vit": vit.ViT, "swinv2": swinv2.SwinTransformerV2}
 
 
-def vit_kwargs(model_cfg, num_classes):
-    """Resolve a `config.model` dict into ViT constructor arguments.
+def _fields(cls):
+    return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
-    `variant` ('B/16', '22B/14', ...) fills width/depth/mlp_dim/num_heads/patch_size; explicit non-None
-    values of those keys override it, so `variant=None` with all five given builds any shape.
-    """
-    cfg = dict(model_cfg)
-    variant = cfg.pop("variant", None)
-    shape = vit.decode_variant(variant) if variant else {}
-    for key in SHAPE_KEYS:
-        if cfg.get(key) is not None:
-            shape[key] = cfg[key]
-        elif key not in shape:
-            raise ValueError(f"model.{key}: not set and no model.variant to take it from")
-        cfg.pop(key, None)
+
+def _check(cond, field, msg):
+    if not cond:
+        raise ValueError(f"{field}: {msg}")
+
+
+def _common(cfg, cls, name):
     for key in ("dtype", "param_dtype"):
         if key in cfg:
-            if cfg[key] not in DTYPES:
-                raise ValueError(f"model.{key}: unknown dtype {cfg[key]!r}; expected one of {sorted(DTYPES)}")
+            _check(cfg[key] in DTYPES, f"model.{key}", f"unknown dtype {cfg[key]!r}; expected one of {sorted(DTYPES)}")
             cfg[key] = DTYPES[cfg[key]]
-    unknown = set(cfg) - set(vit.MODEL_FIELDS)
-    if unknown:
-        raise ValueError(f"model.{sorted(unknown)[0]}: unknown model key; known keys: "
-                         f"{sorted(set(vit.MODEL_FIELDS) | {'variant'})}")
-    return dict(num_classes=num_classes, **shape, **cfg)
+    unknown = set(cfg) - _fields(cls)
+    _check(not unknown, f"model.{sorted(unknown)[0] if unknown else ''}",
+           f"unknown {name} model key; known keys: {sorted(_fields(cls) | {'variant'})}")
+    policy = cfg.get("remat_policy", "none")
+    _check(policy in _policies(cls), "model.remat_policy",
+           f"{policy!r} is not one of {sorted(_policies(cls))}")
+    return cfg
 
 
-def build(model_name, model_cfg, num_classes):
-    if model_name != "vit":
-        raise ValueError(f"model_name: unknown model {model_name!r}; expected 'vit'")
-    return vit.ViT(**vit_kwargs(model_cfg, num_classes))
+def _policies(cls):
+    return vit.REMAT_POLICIES if cls is vit.ViT else swinv2.REMAT_POLICIES
+
+
+def _vit(cfg, num_classes, image_size):
+    variant = cfg.pop("variant", None)
+    shape = vit.decode_variant(variant) if variant else {}
+    for key in VIT_SHAPE_KEYS:
+        if cfg.get(key) is not None:
+            shape[key] = cfg[key]
+        _check(key in shape, f"model.{key}", "not set and no model.variant to take it from")
+        cfg.pop(key, None)
+    kw = dict(num_classes=num_classes, **shape, **_common(cfg, vit.ViT, "vit"))
+    for key, choices in (("block", vit.BLOCKS), ("norm", vit.NORMS), ("head", vit.HEADS), ("posemb", vit.POSEMBS)):
+        _check(kw.get(key, getattr(vit.ViT, key)) in choices, f"model.{key}", f"{kw.get(key)!r} is not one of {choices}")
+    for key in VIT_SHAPE_KEYS:
+        _check(isinstance(kw[key], int) and kw[key] > 0, f"model.{key}", f"must be a positive integer, got {kw[key]!r}")
+    _check(kw["width"] % kw["num_heads"] == 0, "model.width",
+           f"width {kw['width']} is not divisible by model.num_heads = {kw['num_heads']}")
+    _check(image_size % kw["patch_size"] == 0, "input.image_size",
+           f"image size {image_size} is not divisible by model.patch_size = {kw['patch_size']}")
+    if kw.get("posemb") == "sincos2d":
+        _check(kw["width"] % 4 == 0, "model.width", "sincos2d position embedding needs width % 4 == 0")
+    return kw
+
+
+def _swinv2(cfg, num_classes, image_size):
+    variant = cfg.pop("variant", None)
+    if variant:
+        _check(variant in swinv2.VARIANTS, "model.variant",
+               f"unknown Swin V2 variant {variant!r}; expected one of {sorted(swinv2.VARIANTS)}")
+        defaults = dict(zip(SWIN_SHAPE_KEYS, swinv2.VARIANTS[variant]),
+                        extra_norm_every=swinv2.EXTRA_NORM_EVERY.get(variant, 0))
+        for key, value in defaults.items():
+            if cfg.get(key) is None:
+                cfg[key] = value
+    for key in ("depths", "num_heads", "pretrained_window_sizes"):
+        if cfg.get(key) is not None:
+            cfg[key] = tuple(cfg[key])
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    kw = dict(num_classes=num_classes, img_size=image_size, **_common(cfg, swinv2.SwinTransformerV2, "swinv2"))
+    m = swinv2.SwinTransformerV2(**kw)
+    depths, heads = m.depths, m.num_heads
+    _check(len(heads) == len(depths), "model.num_heads", f"{len(heads)} entries for {len(depths)} stages")
+    _check(len(m.pretrained_window_sizes) == len(depths), "model.pretrained_window_sizes",
+           f"{len(m.pretrained_window_sizes)} entries for {len(depths)} stages")
+    reduction = m.patch_size * 2 ** (len(depths) - 1)
+    _check(image_size % reduction == 0, "input.image_size",
+           f"image size {image_size} is not divisible by patch_size * 2^{len(depths) - 1} = {reduction} "
+           f"(patch {m.patch_size} and {len(depths) - 1} patch merges)")
+    for i, (res, h) in enumerate(zip(m.stage_resolutions(), heads)):
+        dim = m.embed_dim * 2 ** i
+        _check(dim % h == 0, "model.num_heads", f"stage {i} width {dim} is not divisible by {h} heads")
+        window, _ = swinv2.effective_window((res, res), m.window_size, m.window_size // 2)
+        _check(res % window == 0, "model.window_size",
+               f"stage {i} is {res}x{res} tokens at image size {image_size}, not divisible by window {window}")
+    return kw
+
+
+RESOLVERS = {"vit": _vit, "swinv2": _swinv2}
+
+
+def resolve(model_name, model_cfg, num_classes, image_size):
+    _check(model_name in RESOLVERS, "model_name", f"unknown model {model_name!r}; expected one of {sorted(RESOLVERS)}")
+    return RESOLVERS[model_name](dict(model_cfg), num_classes, image_size)
+
+
+def build(model_name, model_cfg, num_classes, image_size=224):
+    return FAMILIES[model_name](**resolve(model_name, model_cfg, num_classes, image_size))

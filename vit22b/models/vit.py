@@ -279,4 +279,3 @@ class ViT(nn.Module):
         return logits.astype(jnp.float32)
 
 
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))

@@ -1,0 +1,171 @@
+"""Swin V2 against timm (itself checked equal to the official code): logits, window transfer, gradients,
+and safe, strict checkpoint import. Needs the test extra (torch 2.14.1, torchvision 0.29.1, timm)."""
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2  # noqa: E402
+
+from vit22b import convert  # noqa: E402
+
+
+def perturb_(model, seed=0):
+    """Random weights that exercise every path: block norms away from zero (else every block is the
+    identity), non-zero q/v biases, and logit scales pushed past the log(100) clamp."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight")):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith(("norm1.bias", "norm2.bias", "q_bias", "v_bias")):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("logit_scale"):
+                p.copy_(np.log(10.0) + torch.randn(p.shape, generator=g))
+                p.view(-1)[0] = np.log(100.0) + 0.7  # one head per layer beyond the clamp
+    scales = torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith("logit_scale")])
+    assert (scales > np.log(100)).any() and (scales < np.log(100)).any()
+    return model.eval()
+
+
+def nhwc(x):
+    return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
+
+
+def save(model, tmp_path, name="m.pth"):
+    path = tmp_path / name
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_swinv2_tiny_window8_256_logits_match_timm(tmp_path):
+    torch.manual_seed(0)
+    ref_model = perturb_(timm.create_model("swinv2_tiny_window8_256", pretrained=False))
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = ref_model(x).numpy()
+    module, params = convert.load_swinv2(save(ref_model, tmp_path), img_size=256, window_size=8)
+    out = np.asarray(jax.jit(module.apply)({"params": params}, nhwc(x)))
+    assert np.abs(out - ref).max() < 1e-4, np.abs(out - ref).max()
+    # Per-stage feature maps for dense prediction: strides 4, 8, 16, 32.
+    feats = module.apply({"params": params}, nhwc(x[:1]), return_features=True)
+    assert [f.shape for f in feats] == [(1, 64, 64, 96), (1, 32, 32, 192), (1, 16, 16, 384), (1, 8, 8, 768)]
+
+
+SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 4, 8), num_classes=7)
+
+
+def test_window_transfer_12_to_16_matches_timm(tmp_path):
+    """A window-12 / 192 px checkpoint loaded at window 16 / 256 px with pretrained_window_sizes 12,12,12,6
+    (the official 12to16 fine-tuning setting): no interpolation, only the log-spaced coordinates change."""
+    torch.manual_seed(1)
+    source = perturb_(TimmSwinV2(img_size=192, window_size=12, **SMALL), seed=1)
+    path = save(source, tmp_path)
+    target = TimmSwinV2(img_size=256, window_size=16, pretrained_window_sizes=(12, 12, 12, 6), **SMALL).eval()
+    target.load_state_dict(torch.load(path, weights_only=True))
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = target(x).numpy()
+    module, params = convert.load_swinv2(path, img_size=256, window_size=16, pretrained_window_sizes=(12, 12, 12, 6))
+    out = np.asarray(jax.jit(module.apply)({"params": params}, nhwc(x)))
+    assert np.abs(out - ref).max() < 1e-4, np.abs(out - ref).max()
+    # And at the source resolution it matches the source model.
+    x192 = torch.randn(1, 3, 192, 192)
+    with torch.no_grad():
+        ref192 = source(x192).numpy()
+    module192, params192 = convert.load_swinv2(path, img_size=192, window_size=12)
+    assert np.abs(np.asarray(module192.apply({"params": params192}, nhwc(x192))) - ref192).max() < 1e-4
+
+
+def test_loss_gradients_match_timm(tmp_path):
+    torch.manual_seed(2)
+    model = perturb_(TimmSwinV2(img_size=64, window_size=4, **SMALL), seed=2)
+    x = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([1, 5])
+    loss = torch.nn.functional.cross_entropy(model(x), labels)
+    loss.backward()
+    grads_sd = {k: p.grad.numpy() for k, p in model.named_parameters()}
+    module, params = convert.load_swinv2(save(model, tmp_path), img_size=64, window_size=4)
+
+    def loss_fn(p):
+        logits = module.apply({"params": p}, nhwc(x))
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels.numpy())[:, None], 1).mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+    assert abs(float(value) - loss.item()) < 1e-5
+    expected = convert.state_dict_to_params(convert.to_official_keys(grads_sd)[0], params)
+    flat, ref = jax.tree.leaves_with_path(grads), dict(jax.tree.leaves_with_path(expected))
+    for path, g in flat:
+        r = ref[path]
+        assert np.abs(np.asarray(g) - r).max() <= 1e-5 + 1e-3 * np.abs(r).max(), jax.tree_util.keystr(path)
+    # logit scales above the clamp get no gradient; those below do
+    ls = [np.asarray(v) for p, v in flat if "logit_scale" in jax.tree_util.keystr(p)]
+    assert any((np.abs(a) == 0).any() for a in ls) and any((np.abs(a) > 0).any() for a in ls)
+
+
+def test_official_and_simmim_layouts(tmp_path):
+    """Official keys (downsample at the end of stages 0-2, `head.`), buffers that must be dropped, and
+    SimMIM's `encoder.` prefix with the legacy `rpe_mlp` name all load to the same parameters."""
+    torch.manual_seed(3)
+    model = perturb_(TimmSwinV2(img_size=64, window_size=4, **SMALL), seed=3)
+    timm_sd = model.state_dict()
+    official, dropped = convert.to_official_keys({k: v.numpy() for k, v in timm_sd.items()})
+    assert "layers.0.downsample.reduction.weight" in official and "head.weight" in official
+    official_with_buffers = dict(official)
+    official_with_buffers["layers.0.blocks.0.attn.relative_coords_table"] = np.zeros((1, 7, 7, 2), np.float32)
+    official_with_buffers["layers.0.blocks.1.attn_mask"] = np.zeros((4, 16, 16), np.float32)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in official_with_buffers.items()}}, tmp_path / "off.pth")
+    simmim = {("encoder." + k).replace("cpb_mlp", "rpe_mlp"): torch.from_numpy(v) for k, v in official.items()
+              if not k.startswith("head.")}
+    simmim["encoder.mask_token"] = torch.zeros(1, 1, 32)
+    simmim["decoder.0.weight"] = torch.zeros(3072, 256, 1, 1)
+    torch.save({"model": simmim}, tmp_path / "simmim.pth")
+    _, p_timm = convert.load_swinv2(save(model, tmp_path), img_size=64, window_size=4)
+    _, p_off = convert.load_swinv2(tmp_path / "off.pth", img_size=64, window_size=4)
+    _, p_sim = convert.load_swinv2(tmp_path / "simmim.pth", img_size=64, window_size=4)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), p_timm, p_off))
+    p_timm.pop("head")
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), p_timm, p_sim))
+
+
+def test_shape_and_name_mismatches_name_the_parameter(tmp_path):
+    model = TimmSwinV2(img_size=64, window_size=4, **SMALL)
+    path = save(model, tmp_path)
+    with pytest.raises(convert.CheckpointError, match=r"layers.0.blocks.0.attn.qkv.weight.*does not fit"):
+        convert.load_swinv2(path, img_size=64, window_size=4, embed_dim=48)
+    sd = model.state_dict()
+    sd["layers.0.blocks.0.attn.extra.weight"] = torch.zeros(2, 2)
+    torch.save(sd, tmp_path / "extra.pth")
+    with pytest.raises(convert.CheckpointError, match="layers.0.blocks.0.attn.extra.weight"):
+        convert.load_swinv2(tmp_path / "extra.pth", img_size=64, window_size=4)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('EVIL_MARKER', '/tmp/evil')}",))
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EVIL_MARKER", str(marker))
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model": _Evil()}, f)
+    with pytest.raises(convert.CheckpointError, match="refused to load"):
+        convert.read_state_dict(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    model = perturb_(TimmSwinV2(img_size=64, window_size=4, **SMALL), seed=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    module, params = convert.load_swinv2(tmp_path / "m.safetensors", img_size=64, window_size=4)
+    assert np.abs(np.asarray(module.apply({"params": params}, nhwc(x))) - ref).max() < 1e-4

@@ -1,0 +1,315 @@
+"""Swin Transformer V2 (arXiv 2111.09883), numerically the official microsoft/Swin-Transformer model.
+
+Tokens are NHWC throughout. Module and parameter names mirror the official state-dict keys
+(`layers_0/blocks_1/attn/cpb_mlp_0`, `layers_0/downsample/reduction`, ...) so that weight import is a
+rename plus transposes (vit22b/convert.py). Faithfulness traps handled here: LayerNorm eps 1e-5, exact GELU,
+cosine attention without 1/sqrt(d), logit scale clamped at log(100) with the gradient passing at equality,
+a zero and untrainable k bias, the -100 shift mask added after the position bias, the clamped window feeding
+the coordinate table, PatchMerging's x0,x1,x2,x3 order with reduction before norm, and zero-initialised block
+norms (every block starts as the identity).
+"""
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# embed_dim, depths, num_heads, drop_path_rate (official configs/swinv2/*.yaml; H and G from the paper, whose
+# head counts are not published: head_dim 32 is assumed as in T/S/B/L).
+VARIANTS = {
+    "T": (96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2),
+    "S": (96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3),
+    "B": (128, (2, 2, 18, 2), (4, 8, 16, 32), 0.5),
+    "L": (192, (2, 2, 18, 2), (6, 12, 24, 48), 0.2),
+    "H": (352, (2, 2, 18, 2), (11, 22, 44, 88), 0.2),
+    "G": (512, (2, 2, 42, 4), (16, 32, 64, 128), 0.3),
+}
+EXTRA_NORM_EVERY = {"H": 6, "G": 6}  # paper: "an additional layer normalization ... every 6 layers"
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LN_EPS = 1e-5
+LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
+
+dense_init = nn.initializers.normal(0.02)  # torch trunc_normal_(std=.02) cuts at +-2 absolute: ~ untruncated
+
+
+def torch_default_uniform(key, shape, dtype=jnp.float32, fan_in=None):
+    """PyTorch's default Conv2d init, U(+-1/sqrt(fan_in)), which the official code leaves in place."""
+    bound = 1.0 / math.sqrt(fan_in if fan_in is not None else np.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _p(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(name, dtype, param_dtype, zero=False):
+    init = nn.initializers.zeros if zero else nn.initializers.ones
+    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=_p(init, ("embed",)), bias_init=_p(nn.initializers.zeros, ("embed",)))
+
+
+def linear(features, name, dtype, param_dtype, use_bias=True, axes=("embed", "mlp")):
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=_p(dense_init, axes), bias_init=_p(nn.initializers.zeros, axes[1:]),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def relative_coords_table(window, pretrained_window=0):
+    """(2W-1, 2W-1, 2) log-spaced coordinates, normalised by the pretrained window when one is given."""
+    r = np.arange(-(window - 1), window, dtype=np.float32)
+    table = np.stack(np.meshgrid(r, r, indexing="ij"), axis=-1)
+    norm = (pretrained_window if pretrained_window > 0 else window) - 1
+    table = table / max(norm, 1) * 8.0
+    return (np.sign(table) * np.log2(np.abs(table) + 1.0) / np.log2(8.0)).astype(np.float32)
+
+
+def relative_position_index(window):
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
+    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+
+
+def window_partition(x, window):
+    """[B, H, W, C] -> [B, nW, window*window, C], windows in row-major (nWh, nWw) order."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_reverse(windows, window, h, w):
+    b, c = windows.shape[0], windows.shape[-1]
+    x = windows.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+def shift_mask(h, w, window, shift):
+    """(nW, N, N) additive mask: -100 between tokens that came from different regions before the roll."""
+    img = np.zeros((1, h, w, 1), np.float32)
+    cnt = 0
+    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+            img[:, hs, ws, :] = cnt
+            cnt += 1
+    mw = np.asarray(window_partition(img, window))[0, :, :, 0]  # (nW, N)
+    diff = mw[:, None, :] - mw[:, :, None]
+    return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+def clamp_logit_scale(s):
+    # torch.clamp passes the gradient at equality; jnp.minimum would split it.
+    return jnp.where(s > LOGIT_SCALE_MAX, LOGIT_SCALE_MAX, s)
+
+
+def _l2_normalize(x):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class WindowAttention(nn.Module):
+    """Scaled cosine attention with log-spaced continuous position bias, over [B, nW, N, C] windows."""
+    dim: int
+    num_heads: int
+    window: int
+    pretrained_window: int = 0
+    attn_chunks: int = 1  # >1: "sequential self-attention", windows processed in this many chunks
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        c, h = self.dim, self.num_heads
+        qkv = linear(3 * c, "qkv", self.dtype, self.param_dtype, use_bias=False, axes=("embed", "fused"))
+        q_bias = self.param("q_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
+        v_bias = self.param("v_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
+        logit_scale = self.param("logit_scale", _p(nn.initializers.constant(math.log(10.0)), ("heads", None, None)),
+                                 (h, 1, 1), self.param_dtype)
+        table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
+        hidden = nn.relu(linear(512, "cpb_mlp_0", jnp.float32, self.param_dtype, axes=(None, "mlp"))(table))
+        bias_table = linear(h, "cpb_mlp_2", jnp.float32, self.param_dtype, use_bias=False,
+                            axes=("mlp", "heads"))(hidden).reshape(-1, h)
+        n = self.window * self.window
+        rpb = bias_table[relative_position_index(self.window).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
+        rpb = 16.0 * jax.nn.sigmoid(rpb)  # (nH, N, N)
+        scale = jnp.exp(clamp_logit_scale(logit_scale.astype(jnp.float32)))  # (nH, 1, 1)
+        bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias]).astype(self.dtype)
+        t = qkv(x) + bias_qkv
+        t = t.reshape(t.shape[:-1] + (3, h, c // h))
+        q, k, v = (jnp.moveaxis(t[..., i, :, :], -2, -3) for i in range(3))  # [B, nW, nH, N, hd]
+
+        def core(q, k, v, mask):
+            q, k = _l2_normalize(q.astype(jnp.float32)), _l2_normalize(k.astype(jnp.float32))
+            logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k, precision=jax.lax.Precision.HIGHEST)
+            logits = logits * scale + rpb
+            if mask is not None:
+                logits = logits + mask[None, :, None]
+            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            return jnp.einsum("bwhqk,bwhkd->bwqhd", weights, v.astype(self.dtype),
+                              preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+
+        nw, chunks = x.shape[1], self.attn_chunks
+        if chunks <= 1:
+            out = core(q, k, v, mask)
+        else:
+            if nw % chunks:
+                raise ValueError(f"model.attn_chunks: {chunks} does not divide the {nw} windows of a stage")
+            # Sequential self-attention: one chunk of windows at a time, each rematerialised in the backward
+            # pass, so a single chunk's attention matrix is live instead of the whole stage's.
+            split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], chunks, nw // chunks, *a.shape[2:]), 1, 0)
+            ms = (jnp.zeros((chunks,)) if mask is None
+                  else mask.reshape(chunks, nw // chunks, *mask.shape[1:]))
+            body = jax.checkpoint(lambda args: core(*args[:3], None if mask is None else args[3]))
+            out = jax.lax.map(body, (split(q), split(k), split(v), ms))
+            out = jnp.moveaxis(out, 0, 1).reshape((x.shape[0], nw) + out.shape[3:])
+        out = out.reshape(out.shape[:-2] + (c,)).astype(self.dtype)
+        return linear(c, "proj", self.dtype, self.param_dtype, axes=("heads", "embed"))(out)
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        x = linear(self.hidden, "fc1", self.dtype, self.param_dtype, axes=("embed", "mlp"))(x)
+        return linear(d, "fc2", self.dtype, self.param_dtype, axes=("mlp", "embed"))(nn.gelu(x, approximate=False))
+
+
+def drop_path(x, rate, deterministic, rng):
+    if deterministic or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+def effective_window(resolution, window, shift):
+    """Official clamp: a stage no larger than the window uses one window and no shift."""
+    if min(resolution) <= window:
+        return min(resolution), 0
+    return window, shift
+
+
+class SwinBlock(nn.Module):
+    """Res-post-norm block: x + DP(norm1(attn(x))), then + DP(norm2(mlp(x)))."""
+    num_heads: int
+    window: int
+    shift: int
+    pretrained_window: int = 0
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    extra_norm: bool = False
+    attn_chunks: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        b, hh, ww, c = x.shape
+        window, shift = effective_window((hh, ww), self.window, self.shift)
+        shortcut = x
+        if shift:
+            x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+        mask = jnp.asarray(shift_mask(hh, ww, window, shift)) if shift else None
+        chunks = self.attn_chunks if (hh // window) * (ww // window) % max(self.attn_chunks, 1) == 0 else 1
+        attn = WindowAttention(c, self.num_heads, window, self.pretrained_window, chunks, self.dtype,
+                               self.param_dtype, name="attn")
+        x = window_reverse(attn(window_partition(x, window), mask), window, hh, ww)
+        if shift:
+            x = jnp.roll(x, (shift, shift), axis=(1, 2))
+        dp = lambda y: drop_path(y, self.drop_path, deterministic, self.make_rng("dropout") if not deterministic
+                                 and self.drop_path else None)
+        x = shortcut + dp(layer_norm("norm1", self.dtype, self.param_dtype, zero=True)(x))
+        y = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(x)
+        x = x + dp(layer_norm("norm2", self.dtype, self.param_dtype, zero=True)(y))
+        if self.extra_norm:
+            x = layer_norm("norm3", self.dtype, self.param_dtype)(x)
+        return x
+
+
+class PatchMerging(nn.Module):
+    """V2 merge: concat the 2x2 neighbours (x0, x1, x2, x3), reduce 4C -> 2C, then LayerNorm."""
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+        x = linear(2 * c, "reduction", self.dtype, self.param_dtype, use_bias=False)(x)
+        return layer_norm("norm", self.dtype, self.param_dtype)(x)
+
+
+class SwinTransformerV2(nn.Module):
+    """Input: NHWC images (normalised as the user's data requires). Output: float32 logits [B, classes],
+    or pooled features [B, 8E] when num_classes == 0."""
+    num_classes: int
+    img_size: int = 256
+    patch_size: int = 4
+    embed_dim: int = 96
+    depths: Sequence[int] = (2, 2, 6, 2)
+    num_heads: Sequence[int] = (3, 6, 12, 24)
+    window_size: int = 8
+    pretrained_window_sizes: Sequence[int] = (0, 0, 0, 0)
+    mlp_ratio: float = 4.0
+    drop_path_rate: float = 0.2
+    extra_norm_every: int = 0  # SwinV2-H/G: a LayerNorm on the main branch after every 6th block of a stage
+    attn_chunks: int = 1
+    attn_chunk_stages: int = 2  # the paper applies sequential attention to the first two stages
+    remat_policy: str = "none"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def stage_resolutions(self):
+        r = self.img_size // self.patch_size
+        return [r // 2 ** i for i in range(len(self.depths))]
+
+    @nn.compact
+    def __call__(self, images, *, train=False, return_features=False):
+        if images.shape[1] != self.img_size or images.shape[2] != self.img_size:
+            raise ValueError(f"SwinTransformerV2 built for {self.img_size} px, got images {images.shape[1:3]}")
+        p = self.patch_size
+        fan_in = p * p * images.shape[-1]
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="patch_embed_proj", precision=jax.lax.Precision.HIGHEST,
+                    kernel_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in),
+                                   (None, None, None, "embed")),
+                    bias_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in), ("embed",)),
+                    )(images.astype(self.dtype))
+        x = layer_norm("patch_embed_norm", self.dtype, self.param_dtype)(x)
+
+        total = sum(self.depths)
+        dpr = np.linspace(0.0, self.drop_path_rate, total) if total else []
+        block_cls = SwinBlock
+        if self.remat_policy != "none":
+            block_cls = nn.remat(SwinBlock, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(2,))
+        features = []
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            for j in range(depth):
+                k = sum(self.depths[:i]) + j
+                extra = bool(self.extra_norm_every) and (j + 1) % self.extra_norm_every == 0
+                x = block_cls(
+                    num_heads=heads, window=self.window_size, shift=0 if j % 2 == 0 else self.window_size // 2,
+                    pretrained_window=self.pretrained_window_sizes[i], mlp_ratio=self.mlp_ratio,
+                    drop_path=float(dpr[k]), extra_norm=extra,
+                    attn_chunks=self.attn_chunks if i < self.attn_chunk_stages else 1,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}_blocks_{j}")(x, not train)
+            features.append(x)
+            if i < len(self.depths) - 1:
+                x = PatchMerging(self.dtype, self.param_dtype, name=f"layers_{i}_downsample")(x)
+        x = layer_norm("norm", self.dtype, self.param_dtype)(x)
+        if return_features:  # per-stage maps (strides 4, 8, 16, 32) for dense prediction, plus the final norm
+            return features[:-1] + [x]
+        x = x.mean(axis=(1, 2))
+        if self.num_classes:
+            x = linear(self.num_classes, "head", self.dtype, self.param_dtype, axes=("embed", "classes"))(x)
+        return x.astype(jnp.float32)
