@@ -52,6 +52,11 @@ def test_swinv2_tiny_window8_256_logits_match_timm(tmp_path):
     module, params = convert.load_swinv2(save(ref_model, tmp_path), img_size=256, window_size=8)
     out = np.asarray(jax.jit(module.apply)({"params": params}, nhwc(x)))
     assert np.abs(out - ref).max() < 1e-4, np.abs(out - ref).max()
+    assert "layers_2_blocks" in params  # stages are scanned by default; unrolled gives the same logits
+    unrolled, params_unrolled = convert.load_swinv2(save(ref_model, tmp_path), img_size=256, window_size=8, scan=False)
+    assert "layers_2_blocks_5" in params_unrolled
+    out_unrolled = np.asarray(jax.jit(unrolled.apply)({"params": params_unrolled}, nhwc(x)))
+    assert np.abs(out_unrolled - ref).max() < 1e-4
     # Per-stage feature maps for dense prediction: strides 4, 8, 16, 32.
     feats = module.apply({"params": params}, nhwc(x[:1]), return_features=True)
     assert [f.shape for f in feats] == [(1, 64, 64, 96), (1, 32, 32, 192), (1, 16, 16, 384), (1, 8, 8, 768)]
@@ -136,7 +141,7 @@ def test_official_and_simmim_layouts(tmp_path):
 def test_shape_and_name_mismatches_name_the_parameter(tmp_path):
     model = TimmSwinV2(img_size=64, window_size=4, **SMALL)
     path = save(model, tmp_path)
-    with pytest.raises(convert.CheckpointError, match=r"layers.0.blocks.0.attn.qkv.weight.*does not fit"):
+    with pytest.raises(convert.CheckpointError, match=r"patch_embed.proj.weight.*does not fit.*patch_embed_proj/kernel"):
         convert.load_swinv2(path, img_size=64, window_size=4, embed_dim=48)
     sd = model.state_dict()
     sd["layers.0.blocks.0.attn.extra.weight"] = torch.zeros(2, 2)

@@ -32,3 +32,25 @@ def restore_latest(manager, abstract_state):
 
 def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def load_params(path, params, shardings):
+    """Parameters from an Orbax params checkpoint (`python -m vit22b.convert`), checked against the model:
+    a missing, extra or differently shaped parameter is an error that names it."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config.model_init: no checkpoint folder {path}")
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path)
+        stored = getattr(stored, "item_metadata", stored)
+        want = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+        have = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(stored)}
+        for name in sorted(set(want) | set(have)):
+            if name not in have:
+                raise ValueError(f"config.model_init: {path} lacks the model parameter {name}")
+            if name not in want:
+                raise ValueError(f"config.model_init: {path} has {name}, which the model does not")
+            if tuple(have[name].shape) != tuple(want[name].shape):
+                raise ValueError(f"config.model_init: {name} has shape {tuple(have[name].shape)} in {path}, "
+                                 f"the model wants {tuple(want[name].shape)}")
+        return ckptr.restore(path, abstract_like(params, shardings))

@@ -90,31 +90,55 @@ def _to_flax_array(name, value):
     return name, value
 
 
+def _place(path, expected):
+    """Where an unscanned path lives in `expected`: (path, index) — scanned stages keep blocks stacked under
+    `layers_i_blocks/blocks_k` with block m at index m // group, position k = m % group."""
+    if path in expected:
+        return path, None
+    stage, rest = path[0], path[1:]
+    if "_blocks_" in stage:
+        prefix, m = stage.rsplit("_", 1)
+        group = sum(1 for p in expected if p[0] == prefix and p[2:] == rest and p[1].startswith("blocks_"))
+        if group:
+            candidate = (prefix, f"blocks_{int(m) % group}") + rest
+            if candidate in expected:
+                return candidate, int(m) // group
+    return None, None
+
+
 def state_dict_to_params(sd, abstract_params):
     """Map an official-layout state dict onto a Flax parameter tree shaped like `abstract_params`."""
-    flat_expected = {tuple(str(getattr(p, "key", p)) for p in path): leaf
-                     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
-    params = {}
+    expected = {tuple(str(getattr(p, "key", p)) for p in path): leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)}
+    buffers = {path: np.zeros(leaf.shape, np.float32) for path, leaf in expected.items()}
+    filled = {path: 0 for path in expected}
     for key, value in sd.items():
         *module, leaf = flax_path(key)
         leaf, value = _to_flax_array(leaf, value)
-        path = tuple(module) + (leaf,)
-        if path not in flat_expected:
-            raise CheckpointError(f"checkpoint parameter {key!r} has no place in the model (as {'/'.join(path)})")
-        want = tuple(flat_expected[path].shape)
-        if value.shape != want:
+        path, index = _place(tuple(module) + (leaf,), expected)
+        if path is None:
+            raise CheckpointError(f"checkpoint parameter {key!r} has no place in the model "
+                                  f"(as {'/'.join(module + [leaf])})")
+        want = expected[path].shape if index is None else expected[path].shape[1:]
+        if value.shape != tuple(want):
             raise CheckpointError(f"checkpoint parameter {key!r}: shape {tuple(value.shape)} does not fit the "
-                                  f"model's {'/'.join(path)} {want}")
-        params[path] = value
-    missing = sorted("/".join(p) for p in flat_expected if p not in params)
+                                  f"model's {'/'.join(path)} {tuple(want)}")
+        if index is None:
+            buffers[path] = value
+            filled[path] = 1
+        else:
+            buffers[path][index] = value
+            filled[path] += 1
+    missing = sorted("/".join(p) for p, n in filled.items()
+                     if n != (expected[p].shape[0] if p[0].endswith("_blocks") else 1))  # scanned: one per block
     if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} model parameters, e.g. {missing[:3]}")
+        raise CheckpointError(f"checkpoint lacks parameters for {len(missing)} model entries, e.g. {missing[:3]}")
     tree = {}
-    for path, value in params.items():
+    for path, value in buffers.items():
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = jnp.asarray(value, flat_expected[path].dtype)
+        node[path[-1]] = jnp.asarray(value, expected[path].dtype)
     return tree
 
 
@@ -142,7 +166,8 @@ def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, **model_k
     if num_classes is None:
         num_classes = int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0
     module = models.build("swinv2", cfg, num_classes, img_size)
-    return module, state_dict_to_params(sd, abstract_params(module, img_size))
+    channels = int(sd["patch_embed.proj.weight"].shape[1]) if "patch_embed.proj.weight" in sd else 3
+    return module, state_dict_to_params(sd, abstract_params(module, img_size, channels))
 
 
 def main(argv=None):

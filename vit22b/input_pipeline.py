@@ -52,7 +52,7 @@ def data_dir(input_cfg):
             or os.path.expanduser("~/tensorflow_datasets"))
 
 
-def tfds_source(path, split, image_key, label_key, num_classes):
+def tfds_source(path, split, image_key, label_key, num_classes=None):
     """A TFDS-prepared ArrayRecord dataset read without TensorFlow through `tfds` data sources."""
     import tensorflow_datasets as tfds
     versions = sorted(p for p in Path(path).iterdir() if p.is_dir())
@@ -66,9 +66,11 @@ def tfds_source(path, split, image_key, label_key, num_classes):
 
         def __getitem__(self, i):
             ex = source[i]
-            labels = np.zeros(num_classes, np.float32)
-            labels[np.asarray(ex[label_key])] = 1.0
-            return {"image": np.asarray(ex[image_key], np.float32) / 255.0, "label": labels}
+            label = np.asarray(ex[label_key])
+            if num_classes is not None:  # multi-label: class ids -> multi-hot
+                label = np.zeros(num_classes, np.float32)
+                label[np.asarray(ex[label_key])] = 1.0
+            return {"image": np.asarray(ex[image_key], np.float32) / 255.0, "label": label}
 
     return _Source()
 

@@ -28,15 +28,14 @@ def build_model(config, num_classes):
     return models.build(config.get("model_name", "vit"), config.model, num_classes, config.input.image_size)
 
 
-def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
-    """Initialise {params, opt_state, step, rng} directly with its shardings (never on one device first).
+def abstract_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
+    """Shapes and shardings of {params, opt_state, step, rng}, from `jax.eval_shape` (nothing allocated).
 
-    Returns (state, state_shardings, tx, lr_fn).
+    Returns (init_fn, init_rng, abstract_state, state_shardings, tx, lr_fn).
     """
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     boxed = jax.eval_shape(lambda: model.init(init_rng, dummy))["params"]
-    p_shardings = sharding.param_shardings(boxed, mesh, rules)
     tx, lr_fn = optim.make_optimizer(config, nn.meta.unbox(boxed))
 
     def init(rng):
@@ -47,7 +46,16 @@ def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_
     abstract = jax.eval_shape(init, init_rng)
     # Parameters follow their logical axes; for now the optimizer state is replicated (scale-out shards it).
     shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-    shardings["params"] = p_shardings
+    shardings["params"] = sharding.param_shardings(boxed, mesh, rules)
+    return init, init_rng, abstract, shardings, tx, lr_fn
+
+
+def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
+    """Initialise the train state directly with its shardings (never on one device first).
+
+    Returns (state, state_shardings, tx, lr_fn).
+    """
+    init, init_rng, _, shardings, tx, lr_fn = abstract_train_state(model, config, mesh, image_shape, rules)
     state = jax.jit(init, out_shardings=shardings)(init_rng)
     return state, shardings, tx, lr_fn
 
@@ -152,6 +160,9 @@ def run(config, workdir):
         logging.info("Resumed from step %d in %s", start, workdir)
     else:
         start = 0
+        if config.get("model_init"):
+            state["params"] = checkpointing.load_params(config.model_init, state["params"], shardings["params"])
+            logging.info("Initialised parameters from %s", config.model_init)
     writer = MetricsWriter(workdir, resumed_step=start, enabled=is_main)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:

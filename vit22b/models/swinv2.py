@@ -185,7 +185,8 @@ class Mlp(nn.Module):
 
 
 def drop_path(x, rate, deterministic, rng):
-    if deterministic or rate == 0.0:
+    """Per-sample stochastic depth; `rate` may be traced (scanned blocks carry their own rates)."""
+    if deterministic or (isinstance(rate, float) and rate == 0.0):
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -206,14 +207,13 @@ class SwinBlock(nn.Module):
     shift: int
     pretrained_window: int = 0
     mlp_ratio: float = 4.0
-    drop_path: float = 0.0
     extra_norm: bool = False
     attn_chunks: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, deterministic=True):
+    def __call__(self, x, drop_rate=0.0, deterministic=True):
         b, hh, ww, c = x.shape
         window, shift = effective_window((hh, ww), self.window, self.shift)
         shortcut = x
@@ -226,14 +226,33 @@ class SwinBlock(nn.Module):
         x = window_reverse(attn(window_partition(x, window), mask), window, hh, ww)
         if shift:
             x = jnp.roll(x, (shift, shift), axis=(1, 2))
-        dp = lambda y: drop_path(y, self.drop_path, deterministic, self.make_rng("dropout") if not deterministic
-                                 and self.drop_path else None)
+        def dp(y):
+            return drop_path(y, drop_rate, deterministic, None if deterministic else self.make_rng("dropout"))
+
         x = shortcut + dp(layer_norm("norm1", self.dtype, self.param_dtype, zero=True)(x))
         y = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(x)
         x = x + dp(layer_norm("norm2", self.dtype, self.param_dtype, zero=True)(y))
         if self.extra_norm:
             x = layer_norm("norm3", self.dtype, self.param_dtype)(x)
         return x
+
+
+class SwinBlockGroup(nn.Module):
+    """`size` consecutive blocks (shift off, on, off, ...), the unit that nn.scan repeats over a stage.
+    With `extra_last`, the last block carries the H/G extra main-branch norm."""
+    size: int
+    block_kw: Any
+    extra_last: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, rates):
+        kw = dict(self.block_kw)
+        shift = kw.pop("shift")
+        for k in range(self.size):
+            x = SwinBlock(shift=0 if k % 2 == 0 else shift, extra_norm=self.extra_last and k == self.size - 1,
+                          **kw, name=f"blocks_{k}")(x, rates[k], self.deterministic)
+        return x, None
 
 
 class PatchMerging(nn.Module):
@@ -265,9 +284,19 @@ class SwinTransformerV2(nn.Module):
     extra_norm_every: int = 0  # SwinV2-H/G: a LayerNorm on the main branch after every 6th block of a stage
     attn_chunks: int = 1
     attn_chunk_stages: int = 2  # the paper applies sequential attention to the first two stages
+    scan: bool = True  # nn.scan over groups of blocks: compile time and (with remat) memory stay flat in depth
     remat_policy: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def group_size(self, depth):
+        """Blocks per scanned group for a stage of `depth` blocks, or None to unroll the stage."""
+        if not self.scan:
+            return None
+        e = self.extra_norm_every
+        if e and depth >= e:
+            return e if depth % e == 0 and e % 2 == 0 else None
+        return 2 if depth % 2 == 0 else None
 
     def stage_resolutions(self):
         r = self.img_size // self.patch_size
@@ -288,21 +317,31 @@ class SwinTransformerV2(nn.Module):
         x = layer_norm("patch_embed_norm", self.dtype, self.param_dtype)(x)
 
         total = sum(self.depths)
-        dpr = np.linspace(0.0, self.drop_path_rate, total) if total else []
-        block_cls = SwinBlock
-        if self.remat_policy != "none":
-            block_cls = nn.remat(SwinBlock, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(2,))
+        rates = np.linspace(0.0, self.drop_path_rate, total) if total else np.zeros(0)
+        policy = REMAT_POLICIES[self.remat_policy]
         features = []
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-            for j in range(depth):
-                k = sum(self.depths[:i]) + j
-                extra = bool(self.extra_norm_every) and (j + 1) % self.extra_norm_every == 0
-                x = block_cls(
-                    num_heads=heads, window=self.window_size, shift=0 if j % 2 == 0 else self.window_size // 2,
-                    pretrained_window=self.pretrained_window_sizes[i], mlp_ratio=self.mlp_ratio,
-                    drop_path=float(dpr[k]), extra_norm=extra,
-                    attn_chunks=self.attn_chunks if i < self.attn_chunk_stages else 1,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}_blocks_{j}")(x, not train)
+            kw = dict(num_heads=heads, window=self.window_size, shift=self.window_size // 2,
+                      pretrained_window=self.pretrained_window_sizes[i], mlp_ratio=self.mlp_ratio,
+                      attn_chunks=self.attn_chunks if i < self.attn_chunk_stages else 1,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+            stage_rates = rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]
+            g = self.group_size(depth)
+            if g:
+                group = SwinBlockGroup
+                if policy is not None:
+                    group = nn.remat(SwinBlockGroup, policy=policy, prevent_cse=False)
+                stack = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                                length=depth // g, metadata_params={nn.PARTITION_NAME: "layers"})
+                extra = bool(self.extra_norm_every) and g == self.extra_norm_every
+                x, _ = stack(g, kw, extra, not train, name=f"layers_{i}_blocks")(
+                    x, jnp.asarray(stage_rates.reshape(depth // g, g), jnp.float32))
+            else:
+                block = SwinBlock if policy is None else nn.remat(SwinBlock, policy=policy, static_argnums=(3,))
+                for j in range(depth):
+                    extra = bool(self.extra_norm_every) and (j + 1) % self.extra_norm_every == 0
+                    x = block(**dict(kw, shift=0 if j % 2 == 0 else kw["shift"]), extra_norm=extra,
+                              name=f"layers_{i}_blocks_{j}")(x, float(stage_rates[j]), not train)
             features.append(x)
             if i < len(self.depths) - 1:
                 x = PatchMerging(self.dtype, self.param_dtype, name=f"layers_{i}_downsample")(x)

@@ -1,0 +1,72 @@
+"""Swin Transformer V2 on ImageNet-1k, the official from-scratch recipe (microsoft/Swin-Transformer
+configs/swinv2/*.yaml and config.py): AdamW (0.9, 0.999, eps 1e-8), 300 epochs with 20 of linear warm-up,
+then per-step cosine to 5e-6; lr 5e-4 per 512 images, scaled linearly with the batch (1e-3 at 1024); weight
+decay 0.05 except 1-D parameters, biases, cpb_mlp and logit_scale; label smoothing 0.1; gradient clipping at
+5.0; drop path 0.2 / 0.3 / 0.5 for T / S / B.
+
+  python -m vit22b.main --config=configs/swinv2_imagenet.py:variant=T --workdir=DIR   # swinv2_tiny_window8_256
+  python -m vit22b.main --config=configs/swinv2_imagenet.py:variant=B,window=16 --workdir=DIR
+  python -m vit22b.main --config=configs/swinv2_imagenet.py:runlocal --workdir=DIR   # tiny, on bundled digits
+
+ImageNet through TFDS is read by the input pipeline once the dataset issue lands; until then the non-runlocal
+config names its dataset and stops if it is not prepared. Mixup, CutMix, RandAugment and random erasing of
+the recipe belong to that pipeline too.
+"""
+import ml_collections
+
+from vit22b.config_args import parse_arg
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, variant="T", img=256, window=8, batch=1024, epochs=300, runlocal=False)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    steps_per_epoch = IMAGENET_TRAIN_IMAGES // a.batch
+    c.total_steps = 300 if a.runlocal else a.epochs * steps_per_epoch
+    c.log_every = 50 if a.runlocal else 100
+    c.eval_every = 300 if a.runlocal else steps_per_epoch
+    c.checkpoint_every = 300 if a.runlocal else 2_000
+    c.keep_checkpoints = 3
+
+    c.input = ml_collections.ConfigDict()
+    c.input.data = "digits" if a.runlocal else "imagenet2012"
+    c.input.data_dir = ""
+    c.input.split = "train"
+    c.input.eval_split = "test" if a.runlocal else "validation"
+    c.input.batch_size = 64 if a.runlocal else a.batch
+    c.input.eval_batch_size = 128 if a.runlocal else 1024
+    c.input.image_size = 32 if a.runlocal else a.img
+    c.input.num_threads = 2 if a.runlocal else 32
+    c.input.prefetch = 8
+
+    c.model_name = "swinv2"
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = a.variant
+    c.model.window_size = 4 if a.runlocal else a.window
+    c.model.pretrained_window_sizes = (0, 0, 0, 0)
+    c.model.patch_size = 2 if a.runlocal else 4
+    # None = the variant's official value.
+    c.model.embed_dim = ml_collections.FieldReference(32 if a.runlocal else None, field_type=int)
+    c.model.depths = ml_collections.FieldReference((1, 1, 2, 1) if a.runlocal else None, field_type=tuple)
+    c.model.num_heads = ml_collections.FieldReference((2, 2, 4, 8) if a.runlocal else None, field_type=tuple)
+    c.model.drop_path_rate = ml_collections.FieldReference(0.0 if a.runlocal else None, field_type=float)
+    c.model.attn_chunks = 1       # >1: the paper's sequential self-attention in the first two stages
+    c.model.remat_policy = "none"  # "full": per-block activation checkpointing
+    c.model.dtype = "float32" if a.runlocal else "bfloat16"
+    c.model.param_dtype = "float32"
+
+    c.loss = "softmax_xent"
+    c.label_smoothing = 0.1
+    c.optimizer = "adamw"
+    c.optimizer_kw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8))
+    c.lr = 2e-3 if a.runlocal else 5e-4 * a.batch / 512
+    c.wd = 0.05
+    # Kernels decay; 1-D parameters (biases, norms, q/v biases), logit_scale and the CPB MLP do not.
+    c.wd_mults = [(".*cpb_mlp.*", 0.0), (".*kernel", 1.0)]
+    c.grad_clip_norm = 5.0
+    warmup = 20 if a.runlocal else 20 * steps_per_epoch
+    c.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", warmup_steps=warmup, min_mult=5e-6 / 5e-4))
+    c.model_init = ""  # an Orbax params checkpoint, e.g. written by `python -m vit22b.convert`
+    return c
