@@ -27,6 +27,11 @@ setup(
             "nbclient>=0.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            # Swin V2 parity with timm; these two torch builds are the ones timm's torchvision import accepts.
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "timm>=1.0.15",
+            "safetensors>=0.4",
         ],
     },
 )

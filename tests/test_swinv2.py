@@ -8,7 +8,6 @@ import pytest
 from conftest import config
 from vit22b import config_check, models, train
 from vit22b.memory_report import train_step_memory
-from vit22b.models import swinv2
 
 
 def count(variant, img=256, window=8, classes=1000):

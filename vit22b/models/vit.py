@@ -6,7 +6,6 @@ Classic ViT     = block='sequential', qk_norm=False, qkv_bias=True, norm='layern
 Parameters carry logical axis names (see vit22b/sharding.py); activations are annotated with
 `nn.with_logical_constraint`, which is a no-op outside a mesh context.
 """
-import dataclasses
 import re
 from typing import Any
 
