@@ -109,8 +109,14 @@ def test_jft_config_is_the_paper_recipe():
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_every_config_runs_at_a_tiny_size(name, tmp_path):
     c = config(name, "runlocal", total_steps=6, log_every=3, eval_every=6, checkpoint_every=6)
-    c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+    if c.model_name == "vit":
+        c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+    else:
+        c.model.update(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
     c.input.batch_size = 8
+    c.schedule.warmup_steps = min(c.schedule.warmup_steps, 2)
+    if "cooldown_steps" in c.schedule:
+        c.schedule.cooldown_steps = min(c.schedule.cooldown_steps, 2)
     out = train.run(c, str(tmp_path))
     assert out["step"] == 6 and 0.0 <= out["eval/accuracy"] <= 1.0
     assert (tmp_path / "checkpoints" / "6").is_dir()
