@@ -1,12 +1,15 @@
 """Config validation that runs before any data loading or compilation; errors name the field."""
 import re
 
-from vit22b import losses, models, optim
+import jax
+
+from vit22b import losses, models, optim, sharding
 
 TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "model_name", "model", "input", "loss", "label_smoothing",
     "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule", "model_init",
+    "mesh", "sharding_rules", "optimizer_sharding",
 }
 INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
               "num_threads", "prefetch"}
@@ -52,6 +55,15 @@ def validate(config):
     ls = config.get("label_smoothing", 0.0)
     _check(0.0 <= ls < 1.0, "label_smoothing", f"must be in [0, 1), got {ls}")
     _check(config.lr > 0, "lr", f"must be positive, got {config.lr}")
+    _check(config.get("optimizer_sharding", "replicated") in ("replicated", "zero1"), "optimizer_sharding",
+           f"expected 'replicated' or 'zero1', got {config.get('optimizer_sharding')!r}")
+    try:
+        mesh = sharding.parse_mesh(config.get("mesh", "data:-1"), jax.device_count())
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    n = mesh["data"] * mesh["fsdp"]
+    _check(config.input.batch_size % n == 0, "input.batch_size",
+           f"{config.input.batch_size} is not divisible by the {n} devices of the data and fsdp axes")
     try:  # both raise ValueErrors that start with the field name
         optim.base_optimizer(config.optimizer, dict(config.get("optimizer_kw", {})))
         optim.make_schedule(config.schedule, config.total_steps)

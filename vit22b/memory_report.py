@@ -19,11 +19,13 @@ def train_step_memory(config, batch_size, channels=3):
     mesh = sharding.make_mesh(jax.devices()[:1])
     size = config.input.image_size
     model = train.build_model(config, num_classes=1000)
-    _, _, abstract, shardings, tx, lr_fn = train.abstract_train_state(model, config, mesh, (size, size, channels))
-    step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32),
              "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-    m = step.lower(abstract, batch).compile().memory_analysis()
+    with sharding.activate(mesh, train.rules_of(config)):
+        _, _, abstract, shardings, tx, lr_fn = train.abstract_train_state(model, config, mesh,
+                                                                          (size, size, channels))
+        step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
+        m = step.lower(abstract, batch).compile().memory_analysis()
     return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
             "generated_code": m.generated_code_size_in_bytes}
 

@@ -28,15 +28,20 @@ def build_model(config, num_classes):
     return models.build(config.get("model_name", "vit"), config.model, num_classes, config.input.image_size)
 
 
-def abstract_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
+def rules_of(config):
+    return tuple(tuple(r) for r in config.get("sharding_rules") or sharding.DEFAULT_RULES)
+
+
+def abstract_train_state(model, config, mesh, image_shape, rules=None):
     """Shapes and shardings of {params, opt_state, step, rng}, from `jax.eval_shape` (nothing allocated).
 
     Returns (init_fn, init_rng, abstract_state, state_shardings, tx, lr_fn).
     """
+    rules = rules_of(config) if rules is None else rules
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     boxed = jax.eval_shape(lambda: model.init(init_rng, dummy))["params"]
-    tx, lr_fn = optim.make_optimizer(config, nn.meta.unbox(boxed))
+    tx, lr_fn = optim.make_optimizer(config, sharding.strip_boxes(boxed))
 
     def init(rng):
         params = nn.meta.unbox(model.init(rng, dummy)["params"])
@@ -44,13 +49,16 @@ def abstract_train_state(model, config, mesh, image_shape, rules=sharding.DEFAUL
                 "rng": train_rng}
 
     abstract = jax.eval_shape(init, init_rng)
-    # Parameters follow their logical axes; for now the optimizer state is replicated (scale-out shards it).
-    shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-    shardings["params"] = sharding.param_shardings(boxed, mesh, rules)
+    p_shardings = sharding.param_shardings(boxed, mesh, rules)
+    shardings = {
+        "params": p_shardings,
+        "opt_state": sharding.opt_state_shardings(abstract["opt_state"], abstract["params"], p_shardings, mesh,
+                                                  zero1=config.get("optimizer_sharding", "replicated") == "zero1"),
+        "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh)}
     return init, init_rng, abstract, shardings, tx, lr_fn
 
 
-def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_RULES):
+def create_train_state(model, config, mesh, image_shape, rules=None):
     """Initialise the train state directly with its shardings (never on one device first).
 
     Returns (state, state_shardings, tx, lr_fn).
@@ -60,15 +68,15 @@ def create_train_state(model, config, mesh, image_shape, rules=sharding.DEFAULT_
     return state, shardings, tx, lr_fn
 
 
-def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, rules=sharding.DEFAULT_RULES):
+def make_train_step(model, tx, lr_fn, config, state_shardings, mesh):
+    """The jitted step; trace, lower and call it inside `sharding.activate(mesh, rules)`."""
     smoothing = config.get("label_smoothing", 0.0)
 
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
 
         def loss_fn(params):
-            with nn.logical_axis_rules(rules):
-                logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
+            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
             return losses.per_example_loss(config.loss, logits, batch["label"], smoothing).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -140,8 +148,12 @@ def run(config, workdir):
     """Train (or resume) according to `config` in `workdir`. Returns the last metrics logged."""
     config_check.validate(config)
     module, train_src, eval_src, image_shape = load_data(config)
-    mesh = sharding.make_mesh()
-    sharding.check_batch(config.input.batch_size, mesh)
+    mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
+    with sharding.activate(mesh, rules_of(config)):
+        return _train(config, workdir, mesh, module, train_src, eval_src, image_shape)
+
+
+def _train(config, workdir, mesh, module, train_src, eval_src, image_shape):
     is_main = jax.process_index() == 0
     model = build_model(config, module.NUM_CLASSES)
 

@@ -36,6 +36,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 LN_EPS = 1e-5
+ACT = ("batch", "height", "width", "act_embed")  # activations: batch-sharded only
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 
 dense_init = nn.initializers.normal(0.02)  # torch trunc_normal_(std=.02) cuts at +-2 absolute: ~ untruncated
@@ -214,6 +215,7 @@ class SwinBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic=True):
+        x = nn.with_logical_constraint(x, ACT)
         b, hh, ww, c = x.shape
         window, shift = effective_window((hh, ww), self.window, self.shift)
         shortcut = x
@@ -234,7 +236,7 @@ class SwinBlock(nn.Module):
         x = x + dp(layer_norm("norm2", self.dtype, self.param_dtype, zero=True)(y))
         if self.extra_norm:
             x = layer_norm("norm3", self.dtype, self.param_dtype)(x)
-        return x
+        return nn.with_logical_constraint(x, ACT)
 
 
 class SwinBlockGroup(nn.Module):

@@ -114,7 +114,7 @@ class ParallelBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _=None):
         d, m, h = x.shape[-1], self.mlp_dim, self.num_heads
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         y = make_norm(self.norm, self.dtype, self.param_dtype, "norm")(x)
         w_in = self.param("in_kernel", _p(nn.initializers.xavier_uniform(), ("embed", "fused")),
                           (d, 3 * d + m), self.param_dtype)
@@ -152,7 +152,7 @@ class SequentialBlock(nn.Module):
     @nn.compact
     def __call__(self, x, _=None):
         d, m, h = x.shape[-1], self.mlp_dim, self.num_heads
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         xavier = nn.initializers.xavier_uniform()
         y = make_norm(self.norm, self.dtype, self.param_dtype, "norm1")(x)
         qkv = dense(y, self.param("qkv_kernel", _p(xavier, ("embed", "fused")), (d, 3 * d), self.param_dtype),
