@@ -28,6 +28,9 @@ def get_config(arg=None):
     c.log_every = 50 if a.runlocal else 100
     c.eval_every = 300 if a.runlocal else steps_per_epoch
     c.checkpoint_every = 300 if a.runlocal else 2_000
+    # Devices as (data, fsdp, model); see vit22b/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
+    c.mesh = "data:-1"
+    c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 3
 
     c.input = ml_collections.ConfigDict()

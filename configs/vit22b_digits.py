@@ -16,6 +16,9 @@ def get_config(arg=None):
     c.log_every = 10 if a.runlocal else 100
     c.eval_every = 20 if a.runlocal else 500
     c.checkpoint_every = 20 if a.runlocal else 500
+    # Devices as (data, fsdp, model); see vit22b/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
+    c.mesh = "data:-1"
+    c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 2
 
     c.input = ml_collections.ConfigDict()

@@ -139,3 +139,14 @@ def test_swinv2_trains_on_the_bundled_data(tmp_path):
     c = config("swinv2_imagenet", "runlocal", total_steps=150, eval_every=150, checkpoint_every=150)
     out = train.run(c, str(tmp_path))
     assert out["eval/accuracy"] >= 0.85, out
+
+
+def test_stochastic_depth_is_per_sample_and_off_at_eval():
+    m = _tiny(drop_path_rate=0.5)
+    params = _perturb(nn.meta.unbox(jax.jit(m.init)(jax.random.PRNGKey(0), X)["params"]))
+    train_fn = jax.jit(lambda p, r: m.apply({"params": p}, X, train=True, rngs={"dropout": r}))
+    a, b = train_fn(params, jax.random.PRNGKey(1)), train_fn(params, jax.random.PRNGKey(2))
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4  # different rngs drop different paths
+    e1 = jax.jit(lambda p: m.apply({"params": p}, X))(params)
+    e2 = jax.jit(lambda p: _tiny(drop_path_rate=0.0).apply({"params": p}, X))(params)
+    np.testing.assert_allclose(e1, e2, atol=1e-6)  # evaluation never drops

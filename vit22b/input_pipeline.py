@@ -97,10 +97,13 @@ def _shard(ds, process_index, process_count):
 
 
 def train_dataset(source, *, seed, batch_size, image_size, process_index=0, process_count=1):
-    """Per-process batches of size batch_size // process_count; each process reads a disjoint shard."""
-    ds = _shard(grain.MapDataset.source(source), process_index, process_count)
-    ds = ds.seed(seed).shuffle().repeat().map(make_preprocess(image_size))
-    return ds.batch(batch_size // process_count, drop_remainder=True)
+    """This process's part of each global batch: the global example order (seeded, reshuffled every epoch)
+    does not depend on the number of processes, and each example is read by exactly one process."""
+    if batch_size % process_count:
+        raise ValueError(f"input.batch_size: {batch_size} is not divisible by {process_count} processes")
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(make_preprocess(image_size))
+    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    return ds[process_index::process_count] if process_count > 1 else ds
 
 
 def train_iterator(dataset, num_threads=2, prefetch=8):
