@@ -23,7 +23,7 @@ def get_config(arg=None):
     c.eval_every = 30 if a.runlocal else 5_000
     c.checkpoint_every = 30 if a.runlocal else 1_000
     # Devices as (data, fsdp, model); see vit22b/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
-    c.mesh = "data:-1" if a.runlocal else "fsdp:-1,model:8"
+    c.mesh = "fsdp:-1"  # 2-D parameter sharding; add a model axis at launch, e.g. "fsdp:-1,model:8"
     c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 3
 

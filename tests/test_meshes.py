@@ -15,8 +15,11 @@ from conftest import config
 from vit22b import train
 from vit22b.metrics_writer import read_metrics
 out = {}
+SWIN_MESHES = ("data:1", "data:2,model:4", "data:2,fsdp:2,model:2")  # Swin compiles slowly: the telling meshes
 for name in ("vit22b_digits", "swinv2_imagenet"):
     for mesh in sys.argv[2].split(";"):
+        if name == "swinv2_imagenet" and mesh not in SWIN_MESHES:
+            continue
         c = config(name, total_steps=3, log_every=1, eval_every=100, checkpoint_every=3)
         c.input.batch_size = 16
         c.schedule.warmup_steps = 1
@@ -53,9 +56,14 @@ def test_sharded_steps_equal_one_device(tmp_path):
     ref = run(1, ["data:1"], tmp_path / "one")
     sharded = run(8, MESHES, tmp_path / "eight")
     assert not ref["tensorflow"] and not sharded["tensorflow"]  # TensorFlow stays off the training path
+    checked = 0
     for name in ("vit22b_digits", "swinv2_imagenet"):
         base = ref[f"{name}|data:1"]
         for mesh in MESHES:
+            if f"{name}|{mesh}" not in sharded:
+                continue
             got = sharded[f"{name}|{mesh}"]
             np.testing.assert_allclose(got["losses"], base["losses"], rtol=1e-5, err_msg=f"{name} {mesh}")
             np.testing.assert_allclose(got["params"], base["params"], atol=1e-5, err_msg=f"{name} {mesh}")
+            checked += 1
+    assert checked == len(MESHES) + 2  # ViT on every mesh, Swin V2 on (2, 1, 4) and (2, 2, 2)

@@ -16,7 +16,7 @@ from vit22b import config_check, sharding, train
 def train_step_memory(config, batch_size, channels=3):
     """Compile the train step of `config` for `batch_size` images; returns XLA's memory analysis in bytes."""
     config_check.validate(config)
-    mesh = sharding.make_mesh(jax.devices()[:1])
+    mesh = sharding.make_mesh("data:1", jax.devices()[:1])
     size = config.input.image_size
     model = train.build_model(config, num_classes=1000)
     batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32),
