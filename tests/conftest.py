@@ -13,12 +13,18 @@ def config(name, arg="runlocal", **overrides):
     """Load configs/NAME.py:ARG and apply dotted overrides ('input.batch_size': 16)."""
     from vit22b.config_args import load_config
     c = load_config(f"{CONFIGS / name}.py:{arg}" if arg else f"{CONFIGS / name}.py")
+    return override(c, overrides)
+
+
+def override(c, overrides):
+    """Set dotted keys, allowing a value of another type (to build deliberately bad configs)."""
     for key, value in overrides.items():
         node = c
         *parents, leaf = key.split(".")
         for p in parents:
             node = node[p]
-        node[leaf] = value
+        with node.ignore_type():
+            node[leaf] = value
     return c
 
 

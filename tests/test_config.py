@@ -4,7 +4,7 @@ import time
 import jax
 import pytest
 
-from conftest import CONFIGS, config, run_main
+from conftest import CONFIGS, config, override, run_main
 from vit22b import config_check, models, train
 from vit22b.config_args import parse_arg
 
@@ -36,14 +36,7 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD)
 def test_invalid_configs_name_the_field(overrides, message):
-    c = config("vit22b_digits")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        with node.ignore_type():
-            node[leaf] = value
+    c = override(config("vit22b_digits"), overrides)
     with pytest.raises(config_check.ConfigError) as e:
         config_check.validate(c)
     assert message in str(e.value)

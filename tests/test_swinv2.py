@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import config
+from conftest import config, override
 from vit22b import config_check, models, train
 from vit22b.memory_report import train_step_memory
 
@@ -122,14 +122,7 @@ def test_remat_and_sequential_attention_lower_compiled_peak_memory():
     ({"model.attn_chunks": 0, "model.remat_policy": "half"}, "config.model.remat_policy"),
 ])
 def test_bad_swin_configs_fail_before_compilation(overrides, message):
-    c = config("swinv2_imagenet", "runlocal")
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        with node.ignore_type():
-            node[leaf] = value
+    c = override(config("swinv2_imagenet", "runlocal"), overrides)
     with pytest.raises(config_check.ConfigError) as e:
         config_check.validate(c)
     assert message in str(e.value)

@@ -52,6 +52,17 @@ def data_dir(input_cfg):
             or os.path.expanduser("~/tensorflow_datasets"))
 
 
+def require_prepared(name, data_dir, how):
+    """The folder of a TFDS-prepared dataset, or an error naming the dataset, the folder and what to do."""
+    path = os.path.join(data_dir, name)
+    if not os.path.isdir(path):
+        raise DatasetNotFoundError(
+            f"dataset {name!r} not found: no directory {path} (data directory {data_dir!r}, from "
+            f"--config.input.data_dir or $TFDS_DATA_DIR). {how} Or point the config at another dataset, e.g. "
+            f"--config.input.data=digits (datasets are defined in data/*.py).")
+    return path
+
+
 def tfds_source(path, split, image_key, label_key, num_classes=None):
     """A TFDS-prepared ArrayRecord dataset read without TensorFlow through `tfds` data sources."""
     import tensorflow_datasets as tfds

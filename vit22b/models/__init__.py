@@ -33,13 +33,8 @@ def _common(cfg, cls, name):
     _check(not unknown, f"model.{sorted(unknown)[0] if unknown else ''}",
            f"unknown {name} model key; known keys: {sorted(_fields(cls) | {'variant'})}")
     policy = cfg.get("remat_policy", "none")
-    _check(policy in _policies(cls), "model.remat_policy",
-           f"{policy!r} is not one of {sorted(_policies(cls))}")
+    _check(policy in vit.REMAT_POLICIES, "model.remat_policy", f"{policy!r} is not one of {sorted(vit.REMAT_POLICIES)}")
     return cfg
-
-
-def _policies(cls):
-    return vit.REMAT_POLICIES if cls is vit.ViT else swinv2.REMAT_POLICIES
 
 
 def _vit(cfg, num_classes, image_size):

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit22b.models.vit import REMAT_POLICIES
+
 Dtype = Any
 
 # embed_dim, depths, num_heads, drop_path_rate (official configs/swinv2/*.yaml; H and G from the paper, whose
@@ -29,12 +31,6 @@ VARIANTS = {
     "G": (512, (2, 2, 42, 4), (16, 32, 64, 128), 0.3),
 }
 EXTRA_NORM_EVERY = {"H": 6, "G": 6}  # paper: "an additional layer normalization ... every 6 layers"
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 LN_EPS = 1e-5
 ACT = ("batch", "height", "width", "act_embed")  # activations: batch-sharded only
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
