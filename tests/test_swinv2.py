@@ -120,6 +120,7 @@ def test_remat_and_sequential_attention_lower_compiled_peak_memory():
     ({"model.variant": "XL"}, "config.model.variant: unknown Swin V2 variant 'XL'"),
     ({"model.num_heads": (2, 5, 4, 8)}, "config.model.num_heads: stage 1 width 64 is not divisible by 5 heads"),
     ({"model.attn_chunks": 0, "model.remat_policy": "half"}, "config.model.remat_policy"),
+    ({"model.attn_chunks": 3}, "config.model.attn_chunks: 3 chunks do not divide the 16 windows of stage 0"),
 ])
 def test_bad_swin_configs_fail_before_compilation(overrides, message):
     c = override(config("swinv2_imagenet", "runlocal"), overrides)

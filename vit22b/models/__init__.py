@@ -89,6 +89,10 @@ def _swinv2(cfg, num_classes, image_size):
         window, _ = swinv2.effective_window((res, res), m.window_size, m.window_size // 2)
         _check(res % window == 0, "model.window_size",
                f"stage {i} is {res}x{res} tokens at image size {image_size}, not divisible by window {window}")
+        windows = (res // window) ** 2
+        if i < m.attn_chunk_stages and m.attn_chunks > 1:
+            _check(windows % m.attn_chunks == 0, "model.attn_chunks",
+                   f"{m.attn_chunks} chunks do not divide the {windows} windows of stage {i}")
     return kw
 
 

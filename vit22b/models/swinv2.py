@@ -218,8 +218,7 @@ class SwinBlock(nn.Module):
         if shift:
             x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
         mask = jnp.asarray(shift_mask(hh, ww, window, shift)) if shift else None
-        chunks = self.attn_chunks if (hh // window) * (ww // window) % max(self.attn_chunks, 1) == 0 else 1
-        attn = WindowAttention(c, self.num_heads, window, self.pretrained_window, chunks, self.dtype,
+        attn = WindowAttention(c, self.num_heads, window, self.pretrained_window, self.attn_chunks, self.dtype,
                                self.param_dtype, name="attn")
         x = window_reverse(attn(window_partition(x, window), mask), window, hh, ww)
         if shift:
