@@ -54,6 +54,10 @@ def get_config(arg=None):
     c.model.posemb = "learn"
     c.model.head_bias_init = -10.0  # sigmoid over ~30k classes starts near p = 0
     c.model.scan = True
+    # The paper's asynchronous parallel linear ops: all-gather / reduce-scatter rings over the model axis
+    # (vit22b/collective.py); "xla" leaves the collectives to XLA's partitioner.
+    c.model.parallel_linear = "collective"
+    c.model.collective_ring = "bidirectional"
     c.model.remat_policy = "none" if a.runlocal else "dots_no_batch"
     c.model.dtype = "float32" if a.runlocal else "bfloat16"
     c.model.param_dtype = "float32"

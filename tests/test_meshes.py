@@ -17,8 +17,9 @@ from vit22b.metrics_writer import read_metrics
 out = {}
 SWIN_MESHES = ("data:1", "data:2,model:4", "data:2,fsdp:2,model:2")  # Swin compiles slowly: the telling meshes
 for name in ("vit22b_digits", "swinv2_imagenet"):
-    for mesh in sys.argv[2].split(";"):
-        if name == "swinv2_imagenet" and mesh not in SWIN_MESHES:
+    for run in sys.argv[2].split(";"):
+        mesh, _, linear = run.partition("|")
+        if name == "swinv2_imagenet" and (mesh not in SWIN_MESHES or linear):
             continue
         c = config(name, total_steps=3, log_every=1, eval_every=100, checkpoint_every=3)
         c.input.batch_size = 16
@@ -30,18 +31,20 @@ for name in ("vit22b_digits", "swinv2_imagenet"):
         c.mesh = mesh
         if name == "vit22b_digits":
             c.model.depth = 2
-        wd = f"{sys.argv[1]}/{name}/{mesh.replace(':', '').replace(',', '_')}"
+            c.model.parallel_linear = linear or "xla"
+        wd = f"{sys.argv[1]}/{name}/{run.replace(':', '').replace(',', '_').replace('|', '_')}"
         train.run(c, wd)
         with ocp.StandardCheckpointer() as ck:
             state = ck.restore(f"{wd}/checkpoints/3/state")
         leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(state["params"])]
-        out[f"{name}|{mesh}"] = {"losses": [r["train/loss"] for r in read_metrics(wd) if "train/loss" in r],
+        out[f"{name}|{run}"] = {"losses": [r["train/loss"] for r in read_metrics(wd) if "train/loss" in r],
                                  "params": np.concatenate(leaves).tolist()[::7]}
 out["tensorflow"] = "tensorflow" in sys.modules
 print("RESULT" + json.dumps(out))
 """
 
-MESHES = ["data:8", "data:2,model:4", "model:8", "data:2,fsdp:2,model:2"]
+# "|collective": the ViT-22B design with parallel_linear='collective' (ring matmuls over the model axis).
+MESHES = ["data:8", "data:2,model:4", "model:8", "data:2,fsdp:2,model:2", "data:2,fsdp:2,model:2|collective"]
 
 
 def run(devices, meshes, workdir):
@@ -67,3 +70,4 @@ def test_sharded_steps_equal_one_device(tmp_path):
             np.testing.assert_allclose(got["params"], base["params"], atol=1e-5, err_msg=f"{name} {mesh}")
             checked += 1
     assert checked == len(MESHES) + 2  # ViT on every mesh, Swin V2 on (2, 1, 4) and (2, 2, 2)
+    assert "vit22b_digits|data:2,fsdp:2,model:2|collective" in sharded

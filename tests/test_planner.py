@@ -20,3 +20,18 @@ def test_dry_run_plans_a_mesh_without_allocating(tmp_path):
     assert 100e9 < plan["analytic"]["flops_per_image"] < 110e9
     assert plan["fits"] is True and "fits in 16.0 GiB per device: yes" in r.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dry_run_of_vit22b_on_a_64_device_mesh(tmp_path):
+    # The paper's model and sharding (collective rings over the model axis), compiled for 64 simulated devices.
+    r = run_main(f"{CONFIGS}/vit22b_jft.py:batch=512", tmp_path, "--config.mesh=fsdp:8,model:8", "--dry_run",
+                 "--memory_per_device_gib=32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(21.74B block matmul weights)" in r.stdout and "= 64 devices" in r.stdout
+    assert "per device: parameters 3.04 GiB" in r.stdout  # 22.39B float32 parameters / 8 fsdp / 8 model
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["params_block_matmuls"] == 21_743_271_936 and plan["devices"] == 64
+    assert abs(plan["analytic"]["flops_per_image"] / 33.64e12 - 1) < 1e-3
+    b = plan["bytes_per_device"]
+    assert 0 < b["temporaries"] and b["total"] == b["parameters"] + b["optimizer"] + b["temporaries"]
+    assert plan["fits"] == (b["total"] <= 32 * 2 ** 30)

@@ -98,16 +98,16 @@ def test_parallel_block_equals_written_formula():
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     xn = np.asarray(x, np.float64)
     y = _rms(xn, p["norm"]["scale"])                       # y' = N(x), one shared norm
-    z = y @ p["in_kernel"]                                 # one fused matmul: [q | k | v | mlp]
-    z[..., 3 * d:] += p["mlp_bias"]                        # bias only on the MLP columns
-    q, k, v = (z[..., i * d:(i + 1) * d].reshape(2, 5, h, d // h) for i in range(3))
+    z = y @ p["in_kernel"]                                 # one fused matmul, head-major:
+    z = z.reshape(2, 5, h, 3 * (d // h) + m // h)          # head j's columns are [q_j | k_j | v_j | mlp_j]
+    q, k, v = (z[..., i * (d // h):(i + 1) * (d // h)] for i in range(3))
     q, k = _rms(q, p["q_norm"]["scale"]), _rms(k, p["k_norm"]["scale"])  # per head, over head_dim
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // h)
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
-    attn = np.einsum("bhqk,bkhd->bqhd", w, v).reshape(2, 5, d)
-    hidden = _gelu(z[..., 3 * d:])
-    expected = xn + np.concatenate([attn, hidden], -1) @ p["out_kernel"] + p["out_bias"]
+    attn = np.einsum("bhqk,bkhd->bqhd", w, v)
+    hidden = _gelu(z[..., 3 * (d // h):] + p["mlp_bias"].reshape(h, m // h))  # bias only on the MLP columns
+    expected = xn + np.concatenate([attn, hidden], -1).reshape(2, 5, d + m) @ p["out_kernel"] + p["out_bias"]
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
 
 
@@ -116,7 +116,8 @@ def _scale_head_q(params, head, c, d, h, block_key):
     kern = "in_kernel" if "in_kernel" in params[block_key] else "qkv_kernel"
     w = np.array(params[block_key][kern])
     hd = d // h
-    w[:, head * hd:(head + 1) * hd] *= c
+    start = head * (w.shape[1] // h) if kern == "in_kernel" else head * hd  # head-major fused columns
+    w[:, start:start + hd] *= c
     new = jax.tree.map(lambda a: a, params)
     new[block_key] = dict(params[block_key], **{kern: jnp.asarray(w)})
     return new

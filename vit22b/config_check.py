@@ -77,7 +77,12 @@ def validate(config):
             raise ConfigError(f"config.wd_mults[{i}]: bad regex {rule[0]!r}: {e}") from None
 
     try:
-        return models.resolve(config.get("model_name", "vit"), config.model, num_classes=1,
-                              image_size=config.input.image_size)
+        kw = models.resolve(config.get("model_name", "vit"), config.model, num_classes=1,
+                            image_size=config.input.image_size)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+    if kw.get("parallel_linear") == "collective":  # whole heads per device (and so whole feature chunks)
+        _check(kw["num_heads"] % mesh["model"] == 0, "model.num_heads",
+               f"{kw['num_heads']} heads cannot be split over the {mesh['model']} devices of the model axis "
+               f"(model.parallel_linear = 'collective')")
+    return kw

@@ -46,12 +46,18 @@ def _vit(cfg, num_classes, image_size):
         _check(key in shape, f"model.{key}", "not set and no model.variant to take it from")
         cfg.pop(key, None)
     kw = dict(num_classes=num_classes, **shape, **_common(cfg, vit.ViT, "vit"))
-    for key, choices in (("block", vit.BLOCKS), ("norm", vit.NORMS), ("head", vit.HEADS), ("posemb", vit.POSEMBS)):
+    for key, choices in (("block", vit.BLOCKS), ("norm", vit.NORMS), ("head", vit.HEADS), ("posemb", vit.POSEMBS),
+                         ("parallel_linear", vit.PARALLEL_LINEAR), ("collective_ring", vit.COLLECTIVE_RINGS)):
         _check(kw.get(key, getattr(vit.ViT, key)) in choices, f"model.{key}", f"{kw.get(key)!r} is not one of {choices}")
     for key in VIT_SHAPE_KEYS:
         _check(isinstance(kw[key], int) and kw[key] > 0, f"model.{key}", f"must be a positive integer, got {kw[key]!r}")
     _check(kw["width"] % kw["num_heads"] == 0, "model.width",
            f"width {kw['width']} is not divisible by model.num_heads = {kw['num_heads']}")
+    if kw.get("block", vit.ViT.block) == "parallel":  # the fused layout is head-major: each head owns m/h units
+        _check(kw["mlp_dim"] % kw["num_heads"] == 0, "model.mlp_dim",
+               f"the parallel block needs mlp_dim {kw['mlp_dim']} divisible by model.num_heads = {kw['num_heads']}")
+    elif kw.get("parallel_linear", "xla") == "collective":
+        _check(False, "model.parallel_linear", "'collective' applies to model.block = 'parallel' only")
     _check(image_size % kw["patch_size"] == 0, "input.image_size",
            f"image size {image_size} is not divisible by model.patch_size = {kw['patch_size']}")
     if kw.get("posemb") == "sincos2d":

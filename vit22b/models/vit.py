@@ -6,6 +6,7 @@ Classic ViT     = block='sequential', qk_norm=False, qkv_bias=True, norm='layern
 Parameters carry logical axis names (see vit22b/sharding.py); activations are annotated with
 `nn.with_logical_constraint`, which is a no-op outside a mesh context.
 """
+import functools
 import re
 from typing import Any
 
@@ -13,6 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from vit22b import collective
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
 # 22B from arXiv 2302.05442 (mlp = 4 * width reproduces its 21.74B parameters).
@@ -33,11 +37,16 @@ BLOCKS = ("parallel", "sequential")
 NORMS = ("rmsnorm", "layernorm")
 HEADS = ("map", "gap", "token")
 POSEMBS = ("learn", "sincos2d")
-REMAT_POLICIES = {
+PARALLEL_LINEAR = ("xla", "collective")
+COLLECTIVE_RINGS = ("bidirectional", "unidirectional")
+_SAVE_RING_OUTPUTS = jax.checkpoint_policies.save_only_these_names(collective.OUTPUT_NAME)
+REMAT_POLICIES = {  # "dots" policies also keep the collective rings' outputs, which are matmul outputs too
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.checkpoint_dots,
+                                                            _SAVE_RING_OUTPUTS),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_RING_OUTPUTS),
 }
 
 Dtype = Any
@@ -97,46 +106,140 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
     return jnp.asarray(pe, jnp.float32)[None]
 
 
+class NormParams(nn.Module):
+    """The parameters of `make_norm(kind, ...)` under the same names (scale, and bias for layernorm), for code
+    that normalises with `normalize` itself, e.g. over a feature dimension split across devices."""
+    kind: str
+    axes: tuple = ("embed",)
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features):
+        scale = self.param("scale", _p(nn.initializers.ones, self.axes), (features,), self.param_dtype)
+        if self.kind == "rmsnorm":
+            return {"scale": scale}
+        return {"scale": scale, "bias": self.param("bias", _p(nn.initializers.zeros, self.axes), (features,),
+                                                   self.param_dtype)}
+
+
+def normalize(x, p, kind, dtype, axis_name=None, features=None):
+    """RMSNorm / LayerNorm over the last axis in float32, as flax.linen computes them. With `axis_name`, the
+    last axis is this device's chunk of `features` and the statistics are summed over the devices (one psum)."""
+    x32 = x.astype(jnp.float32)
+    total = (lambda t: jax.lax.psum(t, axis_name)) if axis_name else (lambda t: t)
+    n = features or x.shape[-1]
+    if kind == "layernorm":
+        mean = total(x32.sum(-1, keepdims=True)) / n
+        x32 = x32 - mean
+    var = total(jnp.square(x32).sum(-1, keepdims=True)) / n
+    y = x32 * jax.lax.rsqrt(var + 1e-6) * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None):
+    """The parallel block's math on one device's share; used as is by XLA's partitioner ('xla') and inside
+    `jax.shard_map` ('collective', where `ring` = dict(axis=..., bidirectional=...) and x, the weights' fused
+    dimension and the heads are this device's chunks).
+
+    Fused layout, head-major: column group j of in_kernel [d, h * (3 dh + m/h)] is head j's [q | k | v] and its
+    m/h MLP units; out_kernel's rows [h * (dh + m/h), d] match. A contiguous split over the model axis hands each
+    device whole heads and their MLP slice, so neither path moves weights to reorder them.
+    """
+    axis = ring and ring["axis"]
+    d_local, (d, fused_local) = x.shape[-1], p["in_kernel"].shape
+    k = d // d_local
+    h = num_heads // k
+    f = fused_local // h
+    dh = d // num_heads
+    y = normalize(x, p["norm"], norm, dtype, axis, d)
+    if ring:
+        z = collective.allgather_matmul(y, p["in_kernel"], axis, bidirectional=ring["bidirectional"], dtype=dtype)
+    else:
+        z = jnp.einsum("...d,df->...f", y.astype(dtype), p["in_kernel"].astype(dtype),
+                       preferred_element_type=jnp.float32)
+    z = z.reshape(z.shape[:-1] + (h, f)) + jnp.concatenate(
+        [p["qkv_bias"].reshape(h, 3 * dh), p["mlp_bias"].reshape(h, f - 3 * dh)], axis=-1).astype(jnp.float32)
+    z = z.astype(dtype)
+    q, k_, v, hidden = jnp.split(z, [dh, 2 * dh, 3 * dh], axis=-1)
+    if qk_norm:  # per head, after the projection, over head_dim; device-local
+        q = normalize(q, p["q_norm"], norm, dtype)
+        k_ = normalize(k_, p["k_norm"], norm, dtype)
+    a = attend(q, k_, v, dtype)
+    u = jnp.concatenate([a, nn.gelu(hidden, approximate=False)], axis=-1)
+    u = u.reshape(u.shape[:-2] + (-1,))
+    if ring:
+        out = collective.matmul_reducescatter(u, p["out_kernel"], axis, bidirectional=ring["bidirectional"],
+                                              dtype=dtype)
+    else:
+        out = jnp.einsum("...f,fd->...d", u.astype(dtype), p["out_kernel"].astype(dtype),
+                         preferred_element_type=jnp.float32)
+    return x + (out.astype(dtype) + p["out_bias"].astype(dtype))
+
+
 class ParallelBlock(nn.Module):
     """ViT-22B block: y = x + Attn(N(x)) + MLP(N(x)) with one fused input and one fused output matmul.
 
-    in_kernel  [d, 3d + m]: columns are [q | k | v | mlp] (timm's ParallelScalingBlock order).
-    out_kernel [d + m, d] applied to concat(attention output, gelu(mlp hidden)).
+    in_kernel  [d, 3d + m] and out_kernel [d + m, d], head-major (see `parallel_block_apply`).
+    parallel_linear='xla' lets XLA's partitioner place the collectives; 'collective' runs the block in
+    `jax.shard_map` with the activations split on features over the `heads` mesh axis and the two fused
+    matmuls as all-gather and reduce-scatter rings (vit22b/collective.py), heads device-local.
     """
     num_heads: int
     mlp_dim: int
     qk_norm: bool = True
     qkv_bias: bool = False
     norm: str = "rmsnorm"
+    parallel_linear: str = "xla"
+    collective_ring: str = "bidirectional"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, _=None):
         d, m, h = x.shape[-1], self.mlp_dim, self.num_heads
-        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm")(x)
-        w_in = self.param("in_kernel", _p(nn.initializers.xavier_uniform(), ("embed", "fused")),
-                          (d, 3 * d + m), self.param_dtype)
-        z = dense(y, w_in, self.dtype)
-        mlp_bias = self.param("mlp_bias", _p(nn.initializers.normal(1e-6), ("mlp",)), (m,), self.param_dtype)
-        if self.qkv_bias:
-            qkv_bias = self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,), self.param_dtype)
-        else:
-            qkv_bias = jnp.zeros((3 * d,), self.param_dtype)
-        z = z + jnp.concatenate([qkv_bias, mlp_bias]).astype(self.dtype)
-        q, k, v, hidden = jnp.split(z, [d, 2 * d, 3 * d], axis=-1)
-        q, k, v = (t.reshape(t.shape[:-1] + (h, d // h)) for t in (q, k, v))
-        if self.qk_norm:  # per head, after the projection, over head_dim
-            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",))(q)
-            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",))(k)
-        a = attend(q, k, v, self.dtype).reshape(x.shape[:-1] + (d,))
-        hidden = nn.gelu(hidden, approximate=False)
-        w_out = self.param("out_kernel", _p(nn.initializers.xavier_uniform(), ("fused", "embed")),
-                           (d + m, d), self.param_dtype)
-        b_out = self.param("out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,), self.param_dtype)
-        out = dense(jnp.concatenate([a, hidden], axis=-1), w_out, self.dtype) + b_out.astype(self.dtype)
-        return x + out, None
+        xavier = nn.initializers.xavier_uniform()
+        p = {"norm": NormParams(self.norm, param_dtype=self.param_dtype, name="norm")(d),
+             "in_kernel": self.param("in_kernel", _p(xavier, ("embed", "fused")), (d, 3 * d + m), self.param_dtype),
+             "mlp_bias": self.param("mlp_bias", _p(nn.initializers.normal(1e-6), ("mlp",)), (m,), self.param_dtype),
+             "out_kernel": self.param("out_kernel", _p(xavier, ("fused", "embed")), (d + m, d), self.param_dtype),
+             "out_bias": self.param("out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,),
+                                    self.param_dtype)}
+        p["qkv_bias"] = (self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,), self.param_dtype)
+                         if self.qkv_bias else jnp.zeros((3 * d,), self.param_dtype))
+        if self.qk_norm:
+            p["q_norm"] = NormParams(self.norm, ("kv",), self.param_dtype, name="q_norm")(d // h)
+            p["k_norm"] = NormParams(self.norm, ("kv",), self.param_dtype, name="k_norm")(d // h)
+        apply = functools.partial(parallel_block_apply, num_heads=h, norm=self.norm, qk_norm=self.qk_norm,
+                                  dtype=self.dtype)
+        mesh = jax.sharding.get_abstract_mesh()
+        axis = nn.logical_to_mesh_axes(("heads",))[0] if not mesh.empty else None
+        if self.parallel_linear != "collective" or not isinstance(axis, str):
+            x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+            return apply(x, p), None
+        return _collective_block(apply, x, p, mesh, axis, self.collective_ring == "bidirectional"), None
+
+
+def _collective_block(apply, x, p, mesh, axis, bidirectional):
+    """Run `apply` under `jax.shard_map`: batch over the rules' batch axes (those that divide it), features,
+    heads and the fused dimension over `axis`; per-head and replicated parameters whole."""
+    batch_axes = nn.logical_to_mesh_axes(("batch",))[0]
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    kept = []
+    for a in batch_axes:
+        if x.shape[0] % (int(np.prod([mesh.shape[b] for b in kept])) * mesh.shape[a]) == 0:
+            kept.append(a)
+    batch = tuple(kept) or None
+    act = P(batch, None, axis)
+    specs = {"norm": {n: P(axis) for n in p["norm"]}, "in_kernel": P(None, axis), "mlp_bias": P(axis),
+             "out_kernel": P(axis, None), "out_bias": P(axis), "qkv_bias": P(axis)}
+    for n in ("q_norm", "k_norm"):
+        if n in p:
+            specs[n] = {key: P() for key in p[n]}
+    ring = {"axis": axis, "bidirectional": bidirectional}
+    return jax.shard_map(lambda x, p: apply(x, p, ring=ring), mesh=mesh, in_specs=(act, specs),
+                         out_specs=act)(x, p)
 
 
 class SequentialBlock(nn.Module):
@@ -224,6 +327,8 @@ class ViT(nn.Module):
     head_bias_init: float = 0.0
     scan: bool = True
     remat_policy: str = "none"
+    parallel_linear: str = "xla"
+    collective_ring: str = "bidirectional"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -234,6 +339,8 @@ class ViT(nn.Module):
             cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
                   norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.block == "parallel":
+            kw.update(parallel_linear=self.parallel_linear, collective_ring=self.collective_ring)
         return cls, kw
 
     @nn.compact
