@@ -72,6 +72,14 @@ for spec in ("data:2,model:4", "data:2,fsdp:2,model:2"):
             fwd = jax.jit(lambda p: m.apply({"params": p}, imgs)).lower(params).compile().as_text()
         out[f"vit {spec} {ring} {remat}"] = {"err": err(got, ref), "grad_scale": err(ref[1], jax.tree.map(jnp.zeros_like, ref[1])),
                                              "forward": counts(fwd)}
+# 4. A model axis that does not divide the heads is a config error naming the field, before any tracing.
+import sys; sys.path.insert(0, "tests")
+from conftest import config
+from vit22b import config_check
+try:
+    config_check.validate(config("vit22b_digits", **{"mesh": "model:8", "model.parallel_linear": "collective"}))
+except config_check.ConfigError as e:
+    out["config_error"] = str(e)
 print("RESULT" + json.dumps(out))
 """
 
@@ -98,6 +106,7 @@ def test_collective_matmul_rings(tmp_path):
         assert c["all-reduce"] == 1, c
     assert out["block xla bidirectional"]["err"] < 1e-5  # XLA's own collectives (here an all-gather)
 
+    assert out["config_error"].startswith("config.model.num_heads: 4 heads cannot be split over the 8 devices")
     for key in [k for k in out if k.startswith("vit")]:
         got = out[key]
         assert got["grad_scale"] > 1e-2  # the comparison is not vacuous

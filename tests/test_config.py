@@ -31,6 +31,11 @@ BAD = [
     ({"schedule.decay_type": "step"}, "config.schedule.decay_type"),
     ({"total_steps": 0}, "config.total_steps: must be a positive integer"),
     ({"input.batch_size": -4}, "config.input.batch_size"),
+    ({"model.parallel_linear": "ring"}, "config.model.parallel_linear: 'ring' is not one of"),
+    ({"model.collective_ring": "both"}, "config.model.collective_ring: 'both' is not one of"),
+    ({"model.mlp_dim": 250}, "config.model.mlp_dim: the parallel block needs mlp_dim 250 divisible by"),
+    ({"model.block": "sequential", "model.parallel_linear": "collective"},
+     "config.model.parallel_linear: 'collective' applies to model.block = 'parallel' only"),
 ]
 
 
