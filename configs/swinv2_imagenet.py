@@ -8,9 +8,11 @@ decay 0.05 except 1-D parameters, biases, cpb_mlp and logit_scale; label smoothi
   python -m vit22b.main --config=configs/swinv2_imagenet.py:variant=B,window=16 --workdir=DIR
   python -m vit22b.main --config=configs/swinv2_imagenet.py:runlocal --workdir=DIR   # tiny, on bundled digits
 
-ImageNet through TFDS is read by the input pipeline once the dataset issue lands; until then the non-runlocal
-config names its dataset and stops if it is not prepared. Mixup, CutMix, RandAugment and random erasing of
-the recipe belong to that pipeline too.
+ImageNet is read from a TFDS ArrayRecord preparation (data/imagenet2012.py; a missing one stops with the
+command that prepares it). Augmentation as in the official recipe: random-resized crop (bicubic), flip,
+RandAugment m9 (2 ops), mixup 0.8 / cutmix 1.0 (switch 0.5, always applied), ImageNet mean/std; evaluation
+resizes the shorter side to img / 0.875 (bicubic) and takes the central crop. Not reproduced: timm's
+random erasing (0.25) and the "mstd0.5" magnitude noise of its RandAugment.
 """
 import ml_collections
 
@@ -42,7 +44,17 @@ def get_config(arg=None):
     c.input.eval_batch_size = 128 if a.runlocal else 1024
     c.input.image_size = 32 if a.runlocal else a.img
     c.input.num_threads = 2 if a.runlocal else 32
+    c.input.num_workers = 0 if a.runlocal else 16
     c.input.prefetch = 8
+    size = c.input.image_size
+    c.input.pp_train = f"decode|inception_crop({size}, method='bicubic')|flip_lr|randaug(2, 9)|normalize"
+    c.input.pp_eval = f"decode|resize_small({int(size / 0.875)}, 'bicubic')|central_crop({size})|normalize"
+    if a.runlocal:  # digits: tiny, 1-channel, and few steps; resize and flip only
+        c.input.pp_train = f"decode|resize({size})|flip_lr|value_range(-1, 1)"
+        c.input.pp_eval = f"decode|resize({size})|value_range(-1, 1)"
+    else:
+        c.input.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
+                                                       switch_prob=0.5))
 
     c.model_name = "swinv2"
     c.model = ml_collections.ConfigDict()

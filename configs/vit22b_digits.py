@@ -29,6 +29,11 @@ def get_config(arg=None):
     c.input.batch_size = a.batch
     c.input.eval_batch_size = 128
     c.input.image_size = 8
+    # Preprocess chains (vit22b/preprocess.py); digits are 8x8 grey arrays in [0, 1].
+    c.input.pp_train = "decode(1)|resize(8)|value_range(-1, 1)"
+    c.input.pp_eval = "decode(1)|resize(8)|value_range(-1, 1)"
+    c.input.on_bad_record = "skip"  # or "error"; skipped records are counted in train/bad_records
+    c.input.num_workers = 0  # Grain worker processes (mp_prefetch); batches do not depend on it
     c.input.num_threads = 2
     c.input.prefetch = 8
 

@@ -36,7 +36,12 @@ def get_config(arg=None):
     c.input.eval_batch_size = 32 if a.runlocal else 1024
     c.input.image_size = 8 if a.runlocal else 224
     c.input.num_threads = 2 if a.runlocal else 32
+    c.input.num_workers = 0 if a.runlocal else 16
     c.input.prefetch = 8
+    size = c.input.image_size  # big_vision's JFT pre-training chain: inception crop and flip
+    c.input.pp_train = f"decode|inception_crop({size})|flip_lr|value_range(-1, 1)"
+    c.input.pp_eval = f"decode|resize({size})|value_range(-1, 1)"
+    c.input.on_bad_record = "skip"
 
     c.model_name = "vit"
     c.model = ml_collections.ConfigDict()

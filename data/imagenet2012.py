@@ -1,5 +1,7 @@
-"""ImageNet-1k (ILSVRC 2012) prepared by TFDS in ArrayRecord format under the data directory."""
-from vit22b.input_pipeline import require_prepared, tfds_source
+"""ImageNet-1k (ILSVRC 2012; splits train / validation) prepared by TFDS in ArrayRecord format under the data
+directory: `tfds build imagenet2012 --file_format=array_record --data_dir=DIR` (the archives are downloaded by
+hand from image-net.org and placed in DIR/downloads/manual)."""
+from vit22b.input_pipeline import tfds_source
 
 NUM_CLASSES = 1000
 IMAGE_SHAPE = None
@@ -7,6 +9,6 @@ MULTI_LABEL = False
 
 
 def load(split, data_dir=None):
-    path = require_prepared("imagenet2012", data_dir, "Prepare it with `tfds build imagenet2012 "
-                            "--file_format=array_record --data_dir=...` (the archives are downloaded by hand).")
-    return tfds_source(path, split, image_key="image", label_key="label")
+    return tfds_source("imagenet2012", split, data_dir, how=(
+        f"Prepare it with `tfds build imagenet2012 --file_format=array_record --data_dir={data_dir}` after "
+        f"placing the ILSVRC2012 archives in {data_dir}/downloads/manual."))

@@ -41,3 +41,37 @@ def run_main(config_spec, workdir, *flags, timeout=300):
 @pytest.fixture
 def repo():
     return REPO
+
+
+def data_tool():
+    """data/make_arrayrecord.py as a module (it is a script in data/, not part of the package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("make_arrayrecord", REPO / "data" / "make_arrayrecord.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_idx(path, array):
+    """An IDX file (gzipped), the format of MNIST and Fashion-MNIST."""
+    import gzip
+    import struct
+    import numpy as np
+    array = np.asarray(array, np.uint8)
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.tobytes())
+
+
+def fake_fashion_mnist(data_dir, train=96, test=40, seed=0):
+    """Small Fashion-MNIST-shaped IDX files converted with the real tool into DATA_DIR/fashion_mnist."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    src = Path(data_dir) / "idx"
+    src.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", train), ("t10k", test)):
+        labels = np.arange(n) % 10
+        images = (rng.uniform(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
+        write_idx(src / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(src / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return data_tool().fashion_mnist(str(src), str(Path(data_dir) / "fashion_mnist"))

@@ -4,7 +4,7 @@ import time
 import jax
 import pytest
 
-from conftest import CONFIGS, config, override, run_main
+from conftest import CONFIGS, config, fake_fashion_mnist, override, run_main
 from vit22b import config_check, models, train
 from vit22b.config_args import parse_arg
 
@@ -112,6 +112,9 @@ def test_every_config_runs_at_a_tiny_size(name, tmp_path):
     else:
         c.model.update(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
     c.input.batch_size = 8
+    if c.input.data == "fashion_mnist":  # converted from (small, generated) IDX files by the real tool
+        fake_fashion_mnist(tmp_path / "data")
+        c.input.data_dir = str(tmp_path / "data")
     c.schedule.warmup_steps = min(c.schedule.warmup_steps, 2)
     if "cooldown_steps" in c.schedule:
         c.schedule.cooldown_steps = min(c.schedule.cooldown_steps, 2)

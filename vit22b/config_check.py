@@ -3,7 +3,7 @@ import re
 
 import jax
 
-from vit22b import losses, models, optim, sharding
+from vit22b import losses, models, optim, preprocess, sharding
 
 TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
@@ -12,7 +12,8 @@ TOP_KEYS = {
     "mesh", "sharding_rules", "optimizer_sharding",
 }
 INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
-              "num_threads", "prefetch"}
+              "num_threads", "prefetch", "num_workers", "pp_train", "pp_eval", "mixup", "on_bad_record"}
+MIXUP_KEYS = {"mixup_alpha", "cutmix_alpha", "prob", "switch_prob"}
 POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                  "input.batch_size", "input.eval_batch_size", "input.image_size")
 
@@ -51,6 +52,17 @@ def validate(config):
         _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
                f"must be a positive integer, got {value!r}")
 
+    for field in ("pp_train", "pp_eval"):
+        try:
+            preprocess.parse(config.input.get(field), f"input.{field}")
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from None
+    _check(config.input.get("on_bad_record", "skip") in ("skip", "error"), "input.on_bad_record",
+           f"expected 'skip' or 'error', got {config.input.get('on_bad_record')!r}")
+    for key in config.input.get("mixup") or {}:
+        _check(key in MIXUP_KEYS, f"input.mixup.{key}", f"unknown key; known mixup keys: {sorted(MIXUP_KEYS)}")
+    workers = config.input.get("num_workers", 0)
+    _check(isinstance(workers, int) and workers >= 0, "input.num_workers", f"must be >= 0, got {workers!r}")
     _check(config.loss in losses.LOSSES, "loss", f"unknown loss {config.loss!r}; expected one of {losses.LOSSES}")
     ls = config.get("label_smoothing", 0.0)
     _check(0.0 <= ls < 1.0, "label_smoothing", f"must be in [0, 1), got {ls}")

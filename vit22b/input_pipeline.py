@@ -1,10 +1,17 @@
 """Grain input pipelines over the dataset definitions in the repository's `data/` folder.
 
-A dataset definition `data/NAME.py` exposes NUM_CLASSES, IMAGE_SHAPE (None if variable), MULTI_LABEL and
-`load(split, data_dir)` returning a random-access source of {'image': float32 HWC in [0, 1], 'label'}.
-Training batches come from a seeded, repeated, per-epoch-reshuffled MapDataset, so a batch depends only on
-(seed, position): the iterator state saved in the checkpoint is just that position.
+A dataset definition `data/NAME.py` exposes NUM_CLASSES, IMAGE_SHAPE (None if variable) and MULTI_LABEL (or an
+`info(data_dir)` function returning them) and `load(split, data_dir)` returning a random-access source of
+{'image': encoded bytes or an HWC array, 'label', optionally '_record' (a name for error messages)}.
+Sources: in-memory arrays (ArraySource), local ArrayRecord files (vit22b/records.py, written by
+data/make_arrayrecord.py) and TFDS ArrayRecord preparations (`tfds.data_source`).
+
+Training batches come from a seeded, repeated, per-epoch-reshuffled MapDataset; every example is transformed
+by the preprocess chain (vit22b/preprocess.py) with an RNG seeded by (seed, position), so a batch depends only
+on (seed, position) -- not on worker processes or threads -- and the iterator state saved in the checkpoint is
+just that position.
 """
+import dataclasses
 import importlib.util
 import math
 import os
@@ -12,6 +19,8 @@ from pathlib import Path
 
 import grain
 import numpy as np
+
+from vit22b import preprocess
 
 DATA_DEFS = Path(__file__).resolve().parents[1] / "data"
 
@@ -63,13 +72,19 @@ def require_prepared(name, data_dir, how):
     return path
 
 
-def tfds_source(path, split, image_key, label_key, num_classes=None):
-    """A TFDS-prepared ArrayRecord dataset read without TensorFlow through `tfds` data sources."""
+def tfds_source(name, split, data_dir, image_key="image", label_key="label", how=None):
+    """A TFDS dataset prepared in ArrayRecord format, through `tfds.data_source` (no TensorFlow): examples come
+    decoded by TFDS ({'image': uint8 HWC, ...}); multi-label class-id lists are made multi-hot by the pipeline."""
     import tensorflow_datasets as tfds
-    versions = sorted(p for p in Path(path).iterdir() if p.is_dir())
-    if not versions:
-        raise DatasetNotFoundError(f"no prepared version under {path}")
-    source = tfds.builder_from_directory(str(versions[-1])).as_data_source(split=split)
+    require_prepared(name, data_dir, how or f"Prepare it with `tfds build {name} --file_format=array_record "
+                                            f"--data_dir={data_dir}`.")
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises assorted errors for missing or non-ArrayRecord preparations
+        raise DatasetNotFoundError(
+            f"dataset {name!r} split {split!r} is not prepared in ArrayRecord format under {data_dir!r} "
+            f"({type(e).__name__}: {e}). Prepare it with `tfds build {name} --file_format=array_record "
+            f"--data_dir={data_dir}`.") from None
 
     class _Source:
         def __len__(self):
@@ -77,70 +92,165 @@ def tfds_source(path, split, image_key, label_key, num_classes=None):
 
         def __getitem__(self, i):
             ex = source[i]
-            label = np.asarray(ex[label_key])
-            if num_classes is not None:  # multi-label: class ids -> multi-hot
-                label = np.zeros(num_classes, np.float32)
-                label[np.asarray(ex[label_key])] = 1.0
-            return {"image": np.asarray(ex[image_key], np.float32) / 255.0, "label": label}
+            return {"image": ex[image_key], "label": ex[label_key], "_record": f"{name}:{split}[{i}]"}
 
     return _Source()
 
 
-def _resize(image, size):
-    """Resize to size x size (bilinear) when the stored image differs; digits etc. pass through."""
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    from PIL import Image
-    channels = [np.asarray(Image.fromarray(image[..., c]).resize((size, size), Image.BILINEAR))
-                for c in range(image.shape[-1])]
-    return np.stack(channels, axis=-1)
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple = None  # (H, W, C) when every image has it, else None
+    multi_label: bool = False
+
+    @property
+    def channels(self):
+        return self.image_shape[2] if self.image_shape else 3
 
 
-def make_preprocess(image_size):
-    def preprocess(ex):
-        image = _resize(np.asarray(ex["image"], np.float32), image_size)
-        return {"image": image * 2.0 - 1.0, "label": ex["label"]}  # model inputs live in [-1, 1]
-    return preprocess
+def dataset_info(module, data_dir=None):
+    """A dataset definition's classes and image shape: module constants, or its `info(data_dir)` for definitions
+    that read them from the data (data/arrayrecord.py)."""
+    if hasattr(module, "info"):
+        info = module.info(data_dir)
+        return DatasetInfo(info["num_classes"], tuple(info["image_shape"]) if info.get("image_shape") else None,
+                           bool(info.get("multi_label", False)))
+    return DatasetInfo(module.NUM_CLASSES, module.IMAGE_SHAPE, module.MULTI_LABEL)
 
 
-def _shard(ds, process_index, process_count):
-    return ds[process_index::process_count] if process_count > 1 else ds
+def default_pp(image_size, channels=None):
+    """The chain used when a config names none: decode, resize to image_size, values in [-1, 1]."""
+    return f"decode({channels or ''})|resize({image_size})|value_range(-1, 1)"
 
 
-def train_dataset(source, *, seed, batch_size, image_size, process_index=0, process_count=1):
+class BadRecordError(ValueError):
+    pass
+
+
+def _label(label, num_classes, multi_label, record):
+    """int class id, or a multi-hot float vector from class ids / a multi-hot vector; range-checked."""
+    if num_classes is None:
+        return np.asarray(label)
+    label = np.asarray(label)
+    if multi_label:
+        if label.ndim == 1 and label.shape[0] == num_classes and label.dtype.kind == "f":
+            return label.astype(np.float32)
+        ids = label.reshape(-1).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise BadRecordError(f"record {record}: class id {int(ids.max() if ids.max() >= num_classes else ids.min())}"
+                                 f" out of range [0, {num_classes})")
+        hot = np.zeros(num_classes, np.float32)
+        hot[ids] = 1.0
+        return hot
+    if label.ndim != 0 or not 0 <= int(label) < num_classes:
+        raise BadRecordError(f"record {record}: label {label.tolist()!r} out of range [0, {num_classes})")
+    return np.int32(label)
+
+
+def example_fn(pp, *, seed, num_classes=None, multi_label=False, on_bad_record="skip", placeholder=None):
+    """(position, raw example) -> {'image', 'label', 'mask', 'bad', ...}. The RNG is seeded by (seed, position).
+
+    A record that cannot be decoded (or has the wrong shape) gives a zero `placeholder` with mask 0 and bad 1:
+    it is skipped by the loss and counted, never silently lost; with on_bad_record='error' it stops the run.
+    """
+    chain = preprocess.chain(pp)
+
+    def fn(index, ex):
+        rng = np.random.default_rng((seed, index))
+        record = ex.get("_record", index)
+        label = ex.get("label")
+        try:
+            if "_error" in ex:
+                raise preprocess.DecodeError(ex["_error"])
+            label = _label(label, num_classes, multi_label, record)
+            out = chain({"image": ex["image"], "label": label}, rng)
+            out = dict(out, image=np.asarray(out["image"], np.float32), mask=np.float32(1), bad=np.int32(0))
+        except preprocess.DecodeError as e:
+            if on_bad_record == "error" or placeholder is None:
+                raise BadRecordError(f"record {record}: {e} (input.on_bad_record = 'skip' skips and counts "
+                                     f"such records)") from None
+            out = dict(placeholder, mask=np.float32(0), bad=np.int32(1))
+        return out
+
+    return fn
+
+
+def placeholder_for(source, pp, num_classes=None, multi_label=False, tries=100):
+    """Zeros shaped like a processed example, from the first record that decodes (the stand-in for bad ones)."""
+    fn = example_fn(pp, seed=0, num_classes=num_classes, multi_label=multi_label, on_bad_record="error")
+    for i in range(min(tries, len(source))):
+        try:
+            ex = fn(0, source[i])
+        except BadRecordError:
+            continue
+        return {k: np.zeros_like(v) for k, v in ex.items()}
+    raise BadRecordError(f"none of the first {min(tries, len(source))} records of the dataset can be decoded")
+
+
+def _pp(pp, image_size, channels):
+    return preprocess.parse(pp) if isinstance(pp, str) else (pp or preprocess.parse(default_pp(image_size, channels)))
+
+
+def train_dataset(source, *, seed, batch_size, image_size=None, pp=None, num_classes=None, multi_label=False,
+                  on_bad_record="skip", mix=None, channels=None, process_index=0, process_count=1):
     """This process's part of each global batch: the global example order (seeded, reshuffled every epoch)
-    does not depend on the number of processes, and each example is read by exactly one process."""
+    does not depend on the number of processes, and each example is read by exactly one process. Every random
+    choice depends only on (seed, position), so worker processes and threads do not change a batch.
+
+    pp: a preprocess string (or parsed list); mix: kwargs of `preprocess.mix_batch` (mixup / cutmix), or None.
+    """
     if batch_size % process_count:
         raise ValueError(f"input.batch_size: {batch_size} is not divisible by {process_count} processes")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat().map(make_preprocess(image_size))
+    pp = _pp(pp, image_size, channels)
+    placeholder = placeholder_for(source, pp, num_classes, multi_label) if on_bad_record == "skip" else None
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+    ds = ds.map_with_index(example_fn(pp, seed=seed, num_classes=num_classes, multi_label=multi_label,
+                                      on_bad_record=on_bad_record, placeholder=placeholder))
     ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    if mix:
+        if num_classes is None:
+            raise ValueError("input.mixup needs the number of classes")
+
+        def mix_fn(index, batch):
+            return preprocess.mix_batch(batch, np.random.default_rng((seed, 1, index)), num_classes, **mix)
+        ds = ds.map_with_index(mix_fn)
     return ds[process_index::process_count] if process_count > 1 else ds
 
 
-def train_iterator(dataset, num_threads=2, prefetch=8):
-    """A checkpointable iterator (get_state / set_state) with threaded prefetch."""
+def train_iterator(dataset, num_threads=2, prefetch=8, num_workers=0):
+    """A checkpointable iterator (get_state / set_state): threads read and transform, `num_workers` processes
+    (Grain mp_prefetch) do it in parallel; the batches are the same for any number of either."""
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
-    return iter(dataset.to_iter_dataset(options))
+    ds = dataset.to_iter_dataset(options)
+    if num_workers:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # Grain's workers read its absl flags; notebooks and tests never parse them
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+    return iter(ds)
 
 
-def eval_batches(source, *, batch_size, image_size, process_index=0, process_count=1):
-    """Every example exactly once: the last batch is padded and carries mask == 0 on the padding.
+def eval_batches(source, *, batch_size, image_size=None, pp=None, num_classes=None, multi_label=False,
+                 on_bad_record="skip", channels=None, process_index=0, process_count=1):
+    """Every example exactly once: the last batch is padded and carries mask == 0 on the padding (and on
+    records that cannot be decoded, which are counted in 'bad').
 
     All processes yield the same number of batches, so collectives inside the eval step line up.
     """
-    ds = _shard(grain.MapDataset.source(source), process_index, process_count).map(make_preprocess(image_size))
+    pp = _pp(pp, image_size, channels)
+    placeholder = placeholder_for(source, pp, num_classes, multi_label) if on_bad_record == "skip" else None
+    fn = example_fn(pp, seed=0, num_classes=num_classes, multi_label=multi_label, on_bad_record=on_bad_record,
+                    placeholder=placeholder)
+    ds = grain.MapDataset.source(source)
+    ds = (ds[process_index::process_count] if process_count > 1 else ds).map_with_index(fn)
     local_bs = batch_size // process_count
     num_batches = math.ceil(math.ceil(len(source) / process_count) / local_bs)
     for b in range(num_batches):
         items = [ds[i] for i in range(b * local_bs, min((b + 1) * local_bs, len(ds)))]
         n = len(items)
         if n == 0:
-            items = [ds[0]]  # shape donor only; fully masked
-        image = np.stack([it["image"] for it in items])
-        label = np.stack([np.asarray(it["label"]) for it in items])
+            items = [dict(ds[0], mask=np.float32(0), bad=np.int32(0))]  # shape donor only; fully masked
+            n = 0
+        batch = {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
         pad = local_bs - len(items)
-        yield {
-            "image": np.concatenate([image, np.zeros((pad,) + image.shape[1:], image.dtype)]),
-            "label": np.concatenate([label, np.zeros((pad,) + label.shape[1:], label.dtype)]),
-            "mask": np.concatenate([np.ones(n, np.float32), np.zeros(local_bs - n, np.float32)]),
-        }
+        yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}

@@ -64,7 +64,8 @@ def main(argv):
             planner.print_plan(planner.plan(config, flags.FLAGS.workdir, flags.FLAGS.memory_per_device_gib))
             return
         train.run(config, flags.FLAGS.workdir)
-    except (config_check.ConfigError, input_pipeline.DatasetNotFoundError, train.NonFiniteLossError) as e:
+    except (config_check.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.BadRecordError,
+            train.NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

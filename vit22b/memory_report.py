@@ -8,7 +8,6 @@ attention, and with both; `temp` is the activation/workspace memory XLA plans fo
 import json
 
 import jax
-import jax.numpy as jnp
 
 from vit22b import config_check, sharding, train
 
@@ -19,8 +18,7 @@ def train_step_memory(config, batch_size, channels=3):
     mesh = sharding.make_mesh("data:1", jax.devices()[:1])
     size = config.input.image_size
     model = train.build_model(config, num_classes=1000)
-    batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32),
-             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+    batch = train.abstract_batch(batch_size, (size, size, channels), 1000)
     with sharding.activate(mesh, train.rules_of(config)):
         _, _, abstract, shardings, tx, lr_fn = train.abstract_train_state(model, config, mesh,
                                                                           (size, size, channels))

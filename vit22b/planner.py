@@ -37,19 +37,17 @@ def vit_forward_flops(kw, image_size, channels=3):
 
 def plan(config, workdir, memory_per_device_gib=None):
     kw = config_check.validate(config)
-    data = input_pipeline.dataset_module(config.input.data)  # class count only: no data is read
+    data = input_pipeline.dataset_info(input_pipeline.dataset_module(config.input.data),
+                                       input_pipeline.data_dir(config.input))  # class count only: no data is read
     mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
-    size, channels = config.input.image_size, (data.IMAGE_SHAPE or (0, 0, 3))[2]
-    model = train.build_model(config, data.NUM_CLASSES)
+    size, channels = config.input.image_size, data.channels
+    model = train.build_model(config, data.num_classes)
     batch = config.input.batch_size
-    labels = (jax.ShapeDtypeStruct((batch, data.NUM_CLASSES), jnp.float32) if data.MULTI_LABEL
-              else jax.ShapeDtypeStruct((batch,), jnp.int32))
     with sharding.activate(mesh, train.rules_of(config)):
         _, _, abstract, shardings, tx, lr_fn = train.abstract_train_state(model, config, mesh, (size, size, channels))
         step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
-        abstract_batch = {"image": jax.ShapeDtypeStruct((batch, size, size, channels), jnp.float32),
-                          "label": labels}
-        compiled = step.lower(abstract, abstract_batch).compile()
+        batch_shapes = train.abstract_batch(batch, (size, size, channels), data.num_classes, data.multi_label)
+        compiled = step.lower(abstract, batch_shapes).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -70,7 +68,7 @@ def plan(config, workdir, memory_per_device_gib=None):
     }
     result["flops_per_image"] = result["flops_per_step"] / batch
     if config.get("model_name", "vit") == "vit":
-        analytic = 3 * vit_forward_flops(dict(kw, num_classes=data.NUM_CLASSES), size, channels)
+        analytic = 3 * vit_forward_flops(dict(kw, num_classes=data.num_classes), size, channels)
         result["analytic"] = {"flops_per_image": analytic, "flops_per_step": analytic * batch}
     result["analytic_bytes_per_device"] = {"parameters": p_bytes, "optimizer": o_bytes}
     if memory_per_device_gib:

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vit22b import checkpointing, config_check, input_pipeline, losses, models, optim, sharding
+from vit22b import checkpointing, config_check, input_pipeline, losses, models, optim, preprocess, sharding
 from vit22b.metrics_writer import MetricsWriter
 
 
@@ -68,6 +68,13 @@ def create_train_state(model, config, mesh, image_shape, rules=None):
     return state, shardings, tx, lr_fn
 
 
+def abstract_batch(batch_size, image_shape, num_classes, multi_label=False):
+    """Shapes of one global training batch, as the input pipeline makes it (for lowering without data)."""
+    label = ((batch_size, num_classes), jnp.float32) if multi_label else ((batch_size,), jnp.int32)
+    return {"image": jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
+            "label": jax.ShapeDtypeStruct(*label), "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+
+
 def make_train_step(model, tx, lr_fn, config, state_shardings, mesh):
     """The jitted step; trace, lower and call it inside `sharding.activate(mesh, rules)`."""
     smoothing = config.get("label_smoothing", 0.0)
@@ -75,9 +82,10 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh):
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
 
-        def loss_fn(params):
+        def loss_fn(params):  # mask: 0 for records the pipeline could not decode (skipped and counted)
             logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-            return losses.per_example_loss(config.loss, logits, batch["label"], smoothing).mean()
+            per_example = losses.per_example_loss(config.loss, logits, batch["label"], smoothing)
+            return (per_example * batch["mask"]).sum() / jnp.maximum(batch["mask"].sum(), 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -109,31 +117,62 @@ def to_device(batch, mesh):
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(eval_step, params, source, config, mesh):
+def evaluate(eval_step, params, source, config, mesh, info):
     """Top-1 accuracy and mean loss over every example of `source` exactly once."""
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in input_pipeline.eval_batches(
-            source, batch_size=config.input.get("eval_batch_size", config.input.batch_size),
-            image_size=config.input.image_size, process_index=jax.process_index(),
-            process_count=jax.process_count()):
-        out = jax.device_get(eval_step(params, to_device(batch, mesh)))
+    bad = 0
+    for batch in input_pipeline.eval_batches(source, **pipeline_kwargs(config, info, "eval")):
+        bad += int(batch.pop("bad").sum())
+        out = jax.device_get(eval_step(params, to_device(_model_inputs(batch), mesh)))
         for k in totals:
             totals[k] += float(out[k])
-    if int(totals["count"]) != len(source):
-        raise RuntimeError(f"evaluation saw {totals['count']} examples, the split has {len(source)}")
-    return {"eval/accuracy": totals["correct"] / totals["count"], "eval/loss": totals["loss"] / totals["count"]}
+    bad = _sum_over_processes(bad)
+    if int(totals["count"]) + bad != len(source):
+        raise RuntimeError(f"evaluation saw {totals['count']} examples and {bad} bad records; the split has "
+                           f"{len(source)}")
+    return {"eval/accuracy": totals["correct"] / max(totals["count"], 1),
+            "eval/loss": totals["loss"] / max(totals["count"], 1), "eval/bad_records": bad}
+
+
+def _model_inputs(batch):
+    return {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
+
+
+def _sum_over_processes(n):
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+    return int(np.sum(multihost_utils.process_allgather(np.int64(n))))
 
 
 def load_data(config):
-    """Dataset definition plus train/eval sources; a missing dataset fails here, before any compilation."""
+    """Dataset info plus train/eval sources; a missing dataset fails here, before any compilation.
+
+    Returns (info, train_source, eval_source or None, model input shape (H, W, C))."""
     module = input_pipeline.dataset_module(config.input.data)
     ddir = input_pipeline.data_dir(config.input)
+    info = input_pipeline.dataset_info(module, ddir)
     train_src = module.load(config.input.get("split", "train"), ddir)
     eval_split = config.input.get("eval_split")
     eval_src = module.load(eval_split, ddir) if eval_split else None
-    size = config.input.image_size  # images of another size are resized by the pipeline
-    channels = module.IMAGE_SHAPE[2] if module.IMAGE_SHAPE is not None else 3
-    return module, train_src, eval_src, (size, size, channels)
+    size = config.input.image_size  # the preprocess chain brings images to this size
+    return info, train_src, eval_src, (size, size, info.channels)
+
+
+def pipeline_kwargs(config, info, split="train"):
+    """The input-pipeline arguments a config asks for (shared by training, evaluation and the data benchmark)."""
+    inp = config.input
+    pp = inp.get("pp_train" if split == "train" else "pp_eval") or input_pipeline.default_pp(
+        inp.image_size, info.channels)
+    kw = dict(pp=pp, num_classes=info.num_classes, multi_label=info.multi_label,
+              on_bad_record=inp.get("on_bad_record", "skip"),
+              process_index=jax.process_index(), process_count=jax.process_count())
+    if split == "train":
+        kw.update(seed=config.seed, batch_size=inp.batch_size,
+                  mix=dict(inp.mixup) if inp.get("mixup") else None)
+    else:
+        kw.update(batch_size=inp.get("eval_batch_size", inp.batch_size))
+    return kw
 
 
 def _check_finite(pending):
@@ -147,24 +186,37 @@ def _check_finite(pending):
 def run(config, workdir):
     """Train (or resume) according to `config` in `workdir`. Returns the last metrics logged."""
     config_check.validate(config)
-    module, train_src, eval_src, image_shape = load_data(config)
+    info, train_src, eval_src, image_shape = load_data(config)
     mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
     with sharding.activate(mesh, rules_of(config)):
-        return _train(config, workdir, mesh, module, train_src, eval_src, image_shape)
+        return _train(config, workdir, mesh, info, train_src, eval_src, image_shape)
 
 
-def _train(config, workdir, mesh, module, train_src, eval_src, image_shape):
+def check_pipeline_output(config, info, source, image_shape, split):
+    """The preprocess chain must produce the model's input shape; say so before anything compiles."""
+    kw = pipeline_kwargs(config, info, split)
+    ex = input_pipeline.placeholder_for(source, preprocess.parse(kw["pp"]), info.num_classes, info.multi_label)
+    if tuple(ex["image"].shape) != tuple(image_shape):
+        field = "input.pp_train" if split == "train" else "input.pp_eval"
+        raise config_check.ConfigError(
+            f"config.{field}: {kw['pp']!r} makes images of shape {tuple(ex['image'].shape)}, but the model takes "
+            f"{tuple(image_shape)} (input.image_size, and {image_shape[2]} channels of dataset "
+            f"{config.input.data!r})")
+
+
+def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
     is_main = jax.process_index() == 0
-    model = build_model(config, module.NUM_CLASSES)
+    check_pipeline_output(config, info, train_src, image_shape, "train")
+    if eval_src is not None:
+        check_pipeline_output(config, info, eval_src, image_shape, "eval")
+    model = build_model(config, info.num_classes)
 
     state, shardings, tx, lr_fn = create_train_state(model, config, mesh, image_shape)
     n_params = optim.count_params(state["params"])
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    dataset = input_pipeline.train_dataset(
-        train_src, seed=config.seed, batch_size=config.input.batch_size, image_size=config.input.image_size,
-        process_index=jax.process_index(), process_count=jax.process_count())
+    dataset = input_pipeline.train_dataset(train_src, **pipeline_kwargs(config, info))
     iterator = input_pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
-                                             config.input.get("prefetch", 8))
+                                             config.input.get("prefetch", 8), config.input.get("num_workers", 0))
     restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings))
     if restored is not None:
         start, state, data_state = restored
@@ -193,9 +245,14 @@ def _train(config, workdir, mesh, module, train_src, eval_src, image_shape):
     total, batch_size = config.total_steps, config.input.batch_size
     pending, last = [], {}
     t0, step0 = time.perf_counter(), start
+    data_wait, bad_records = 0.0, 0  # seconds blocked on the input pipeline since the last log; bad records read
     try:
         for step in range(start + 1, total + 1):
-            state, metrics = train_step(state, to_device(next(iterator), mesh))
+            t_wait = time.perf_counter()
+            batch = next(iterator)
+            data_wait += time.perf_counter() - t_wait
+            bad_records += int(batch.pop("bad").sum())
+            state, metrics = train_step(state, to_device(_model_inputs(batch), mesh))
             pending.append((step, metrics))
             sigterm = stop["sigterm"]  # read once: the signal may land anywhere in this iteration
             final = step == total or sigterm
@@ -211,7 +268,10 @@ def _train(config, workdir, mesh, module, train_src, eval_src, image_shape):
                 steps_per_s = (step - step0) / dt
                 m = dict(pending[-1][1])
                 row = {f"train/{k}": v for k, v in m.items()}
-                row.update({"train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * batch_size})
+                row.update({"train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * batch_size,
+                            # a stalled input pipeline shows here: the share of wall time spent waiting for data
+                            "train/data_wait_s": data_wait / (step - step0), "train/data_wait_frac": data_wait / dt,
+                            "train/bad_records": _sum_over_processes(bad_records)})
                 writer.write(step, row)
                 last.update(row)
                 eta = (total - step) / steps_per_s if steps_per_s else math.inf
@@ -219,10 +279,10 @@ def _train(config, workdir, mesh, module, train_src, eval_src, image_shape):
                     print(f"step {step}/{total} loss {m['loss']:.4f} lr {m['lr']:.3g} "
                           f"steps/s {steps_per_s:.2f} img/s {steps_per_s * batch_size:.1f} "
                           f"ETA {_fmt_time(eta)}", flush=True)
-                t0, step0 = time.perf_counter(), step
+                t0, step0, data_wait = time.perf_counter(), step, 0.0
             pending = []
             if do_eval:
-                ev = evaluate(eval_step, state["params"], eval_src, config, mesh)
+                ev = evaluate(eval_step, state["params"], eval_src, config, mesh, info)
                 writer.write(step, ev)
                 last.update(ev)
                 if is_main:
@@ -236,6 +296,8 @@ def _train(config, workdir, mesh, module, train_src, eval_src, image_shape):
                     print(f"SIGTERM: saved a checkpoint at step {step}; exiting.", flush=True)
                 break
     finally:
+        if hasattr(iterator, "close"):  # stops mp_prefetch worker processes
+            iterator.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()

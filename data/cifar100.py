@@ -1,0 +1,10 @@
+"""CIFAR-100 (32x32, 100 fine classes; splits train / test) prepared by TFDS in ArrayRecord format."""
+from vit22b.input_pipeline import tfds_source
+
+NUM_CLASSES = 100
+IMAGE_SHAPE = (32, 32, 3)
+MULTI_LABEL = False
+
+
+def load(split, data_dir=None):
+    return tfds_source("cifar100", split, data_dir)
