@@ -4,7 +4,7 @@
   python data/make_arrayrecord.py folder --src ~/pets/train --out ~/data/pets --split train
   # multi-label: a CSV of "relative/path.jpg,label label ..." (label names or integer ids) instead of sub-folders
   python data/make_arrayrecord.py folder --src ~/imgs --labels labels.csv --out ~/data/mine --split train
-  # numpy arrays: images uint8 [N, H, W(, C)], labels int [N] (or multi-hot [N, K])
+  # numpy arrays: images uint8 [N, H, W(, C)], labels int [N] (or multi-hot [N, K]); raw pixels (or --encoding png)
   python data/make_arrayrecord.py numpy --images x.npy --labels y.npy --out ~/data/mine --split train
   # Fashion-MNIST from Debian's dataset-fashion-mnist package (IDX files; no network)
   python data/make_arrayrecord.py fashion_mnist --out ~/tensorflow_datasets/fashion_mnist
@@ -75,7 +75,8 @@ def folder(src, out, split, labels_csv=None, num_shards=1):
     return count
 
 
-def from_arrays(images, labels, out, split, class_names=None, num_shards=1):
+def from_arrays(images, labels, out, split, class_names=None, num_shards=1, encoding="raw"):
+    """uint8 images [N, H, W(, C)] stored as raw pixels (fast to read) or PNG (smaller files)."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise SystemExit(f"images: expected uint8 [N, H, W] or [N, H, W, C], got {images.dtype} {images.shape}")
@@ -89,7 +90,10 @@ def from_arrays(images, labels, out, split, class_names=None, num_shards=1):
     def examples():
         for i, (image, label) in enumerate(zip(images, labels)):
             lab = np.flatnonzero(label).tolist() if multi else int(label)
-            yield records.png_bytes(image), lab, f"{split}[{i}]"
+            if encoding == "png":
+                yield records.png_bytes(image), lab, f"{split}[{i}]"
+            else:
+                yield image.tobytes(), lab, f"{split}[{i}]", image.shape if image.ndim == 3 else image.shape + (1,)
 
     count = records.write_split(out, split, examples(), num_shards)
     shape = list(images.shape[1:]) + ([1] if images.ndim == 3 else [])
@@ -137,6 +141,7 @@ def main(argv=None):
     n = sub.add_parser("numpy")
     n.add_argument("--images", required=True)
     n.add_argument("--labels", required=True)
+    n.add_argument("--encoding", choices=("raw", "png"), default="raw")
     m = sub.add_parser("fashion_mnist")
     m.add_argument("--src", default=FASHION_MNIST_DIR)
     for s in (f, n, m):
@@ -148,7 +153,8 @@ def main(argv=None):
     if a.command == "folder":
         counts = {a.split: folder(a.src, a.out, a.split, a.labels, a.num_shards)}
     elif a.command == "numpy":
-        counts = {a.split: from_arrays(np.load(a.images), np.load(a.labels), a.out, a.split, None, a.num_shards)}
+        counts = {a.split: from_arrays(np.load(a.images), np.load(a.labels), a.out, a.split, None, a.num_shards,
+                                       a.encoding)}
     else:
         counts = fashion_mnist(a.src, a.out, a.num_shards)
     print(f"wrote {counts} to {a.out}")

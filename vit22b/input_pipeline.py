@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from absl import logging
 
 from vit22b import preprocess
 
@@ -90,9 +91,21 @@ def tfds_source(name, split, data_dir, image_key="image", label_key="label", how
         def __len__(self):
             return len(source)
 
-        def __getitem__(self, i):
-            ex = source[i]
+        def _example(self, i, ex):
             return {"image": ex[image_key], "label": ex[label_key], "_record": f"{name}:{split}[{i}]"}
+
+        def __getitem__(self, i):
+            return self._example(i, source[i])
+
+        def read_many(self, indices):
+            try:
+                many = source.__getitems__(indices)
+            except Exception as e:  # no batched read here (e.g. tfds.testing.mock_data): one at a time
+                if not getattr(self, "_warned", False):
+                    logging.warning("%s: batched read failed (%s); reading records one by one", name, e)
+                    self._warned = True
+                many = [source[i] for i in indices]
+            return [self._example(i, ex) for i, ex in zip(indices, many)]
 
     return _Source()
 
@@ -201,20 +214,36 @@ def train_dataset(source, *, seed, batch_size, image_size=None, pp=None, num_cla
     """
     if batch_size % process_count:
         raise ValueError(f"input.batch_size: {batch_size} is not divisible by {process_count} processes")
+    if mix and num_classes is None:
+        raise ValueError("input.mixup needs the number of classes")
     pp = _pp(pp, image_size, channels)
     placeholder = placeholder_for(source, pp, num_classes, multi_label) if on_bad_record == "skip" else None
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-    ds = ds.map_with_index(example_fn(pp, seed=seed, num_classes=num_classes, multi_label=multi_label,
-                                      on_bad_record=on_bad_record, placeholder=placeholder))
-    ds = ds.batch(batch_size // process_count, drop_remainder=True)
-    if mix:
-        if num_classes is None:
-            raise ValueError("input.mixup needs the number of classes")
+    fn = example_fn(pp, seed=seed, num_classes=num_classes, multi_label=multi_label, on_bad_record=on_bad_record,
+                    placeholder=placeholder)
+    local = batch_size // process_count
+    # Batches of record indices, read in bulk (ArrayRecord's batched read is ~25x faster than one at a time).
+    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat().batch(local, drop_remainder=True)
 
-        def mix_fn(index, batch):
-            return preprocess.mix_batch(batch, np.random.default_rng((seed, 1, index)), num_classes, **mix)
-        ds = ds.map_with_index(mix_fn)
+    def make_batch(index, indices):
+        batch = _collate([fn(index * local + j, ex) for j, ex in enumerate(read_many(source, indices))])
+        if mix:
+            batch = preprocess.mix_batch(batch, np.random.default_rng((seed, 1, index)), num_classes, **mix)
+        return batch
+
+    ds = order.map_with_index(make_batch)
     return ds[process_index::process_count] if process_count > 1 else ds
+
+
+def read_many(source, indices):
+    """Records at `indices`, with the source's batched read where it has one."""
+    indices = [int(i) for i in indices]
+    if hasattr(source, "read_many"):
+        return source.read_many(indices)
+    return [source[i] for i in indices]
+
+
+def _collate(examples):
+    return {k: np.stack([np.asarray(ex[k]) for ex in examples]) for k in examples[0]}
 
 
 def train_iterator(dataset, num_threads=2, prefetch=8, num_workers=0):
@@ -241,16 +270,14 @@ def eval_batches(source, *, batch_size, image_size=None, pp=None, num_classes=No
     placeholder = placeholder_for(source, pp, num_classes, multi_label) if on_bad_record == "skip" else None
     fn = example_fn(pp, seed=0, num_classes=num_classes, multi_label=multi_label, on_bad_record=on_bad_record,
                     placeholder=placeholder)
-    ds = grain.MapDataset.source(source)
-    ds = (ds[process_index::process_count] if process_count > 1 else ds).map_with_index(fn)
+    mine = np.arange(process_index, len(source), process_count)
     local_bs = batch_size // process_count
     num_batches = math.ceil(math.ceil(len(source) / process_count) / local_bs)
     for b in range(num_batches):
-        items = [ds[i] for i in range(b * local_bs, min((b + 1) * local_bs, len(ds)))]
-        n = len(items)
-        if n == 0:
-            items = [dict(ds[0], mask=np.float32(0), bad=np.int32(0))]  # shape donor only; fully masked
-            n = 0
-        batch = {k: np.stack([np.asarray(it[k]) for it in items]) for k in items[0]}
+        indices = mine[b * local_bs:(b + 1) * local_bs]
+        items = [fn(int(i), ex) for i, ex in zip(indices, read_many(source, indices))]
+        if not items:  # shape donor only; fully masked
+            items = [dict(fn(0, source[0]), mask=np.float32(0), bad=np.int32(0))]
+        batch = _collate(items)
         pad = local_bs - len(items)
         yield {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
