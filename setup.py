@@ -13,6 +13,8 @@ setup(
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "grain>=0.2.12,<0.3",
+        "array-record>=0.8",  # local ArrayRecord datasets (vit22b/records.py)
+        "pillow>=10",  # image decoding and augmentation (vit22b/preprocess.py)
         "tensorflow-datasets>=4.9.9,<5",
         "ml-collections>=1.0,<2",
         "absl-py>=2.1",
@@ -23,6 +25,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs on 2 workers (README's test command)
             "nbformat>=5.9",
             "nbclient>=0.10",
             "ipykernel>=6.29",
