@@ -8,7 +8,7 @@ DATA_DIR/fashion_mnist (DATA_DIR = --config.input.data_dir or $TFDS_DATA_DIR or 
 import os
 
 from vit22b import records
-from vit22b.input_pipeline import require_prepared
+from vit22b.input_pipeline import DatasetNotFoundError, require_prepared
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -20,5 +20,6 @@ HOW = ("Convert it with `apt-get install dataset-fashion-mnist && python data/ma
 def load(split, data_dir=None):
     path = require_prepared("fashion_mnist", data_dir, HOW.format(os.path.join(data_dir, "fashion_mnist")))
     if not records.shard_paths(path, split):
-        raise FileNotFoundError(f"input.split: no {split!r} shards in {path}; splits are 'train' and 'test'")
+        raise DatasetNotFoundError(f"input.split: no {split!r} shards in {path}; splits are 'train' and 'test'. "
+                                   + HOW.format(path))
     return records.RecordSource(path, split)

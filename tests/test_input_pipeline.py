@@ -1,5 +1,4 @@
 """Input pipelines: local ArrayRecord files, TFDS data sources, preprocessing, determinism, bad records."""
-import io
 import json
 import os
 import subprocess

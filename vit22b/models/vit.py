@@ -149,33 +149,28 @@ def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None):
     """
     axis = ring and ring["axis"]
     d_local, (d, fused_local) = x.shape[-1], p["in_kernel"].shape
-    k = d // d_local
-    h = num_heads // k
-    f = fused_local // h
-    dh = d // num_heads
+    h = num_heads // (d // d_local)  # heads on this device
+    f, dh = fused_local // h, d // num_heads  # f = 3 dh + m / num_heads columns per head
     y = normalize(x, p["norm"], norm, dtype, axis, d)
     if ring:
-        z = collective.allgather_matmul(y, p["in_kernel"], axis, bidirectional=ring["bidirectional"], dtype=dtype)
+        z = collective.allgather_matmul(y, p["in_kernel"], axis, bidirectional=ring["bidirectional"],
+                                        dtype=dtype).astype(dtype)
     else:
-        z = jnp.einsum("...d,df->...f", y.astype(dtype), p["in_kernel"].astype(dtype),
-                       preferred_element_type=jnp.float32)
-    z = z.reshape(z.shape[:-1] + (h, f)) + jnp.concatenate(
-        [p["qkv_bias"].reshape(h, 3 * dh), p["mlp_bias"].reshape(h, f - 3 * dh)], axis=-1).astype(jnp.float32)
-    z = z.astype(dtype)
-    q, k_, v, hidden = jnp.split(z, [dh, 2 * dh, 3 * dh], axis=-1)
+        z = dense(y, p["in_kernel"], dtype)
+    bias = jnp.concatenate([p["qkv_bias"].reshape(h, 3 * dh), p["mlp_bias"].reshape(h, f - 3 * dh)], axis=-1)
+    z = z.reshape(z.shape[:-1] + (h, f)) + bias.astype(dtype)
+    q, k, v, hidden = jnp.split(z, [dh, 2 * dh, 3 * dh], axis=-1)
     if qk_norm:  # per head, after the projection, over head_dim; device-local
         q = normalize(q, p["q_norm"], norm, dtype)
-        k_ = normalize(k_, p["k_norm"], norm, dtype)
-    a = attend(q, k_, v, dtype)
-    u = jnp.concatenate([a, nn.gelu(hidden, approximate=False)], axis=-1)
+        k = normalize(k, p["k_norm"], norm, dtype)
+    u = jnp.concatenate([attend(q, k, v, dtype), nn.gelu(hidden, approximate=False)], axis=-1)
     u = u.reshape(u.shape[:-2] + (-1,))
     if ring:
         out = collective.matmul_reducescatter(u, p["out_kernel"], axis, bidirectional=ring["bidirectional"],
-                                              dtype=dtype)
+                                              dtype=dtype).astype(dtype)
     else:
-        out = jnp.einsum("...f,fd->...d", u.astype(dtype), p["out_kernel"].astype(dtype),
-                         preferred_element_type=jnp.float32)
-    return x + (out.astype(dtype) + p["out_bias"].astype(dtype))
+        out = dense(u, p["out_kernel"], dtype)
+    return x + out + p["out_bias"].astype(dtype)
 
 
 class ParallelBlock(nn.Module):
