@@ -1,0 +1,197 @@
+"""How fast does a config train here, and how close is that to the machine's matmul ceiling?
+
+  python -m vit22b.bench --config=configs/vit_imagenet.py:variant=B/16 --config.input.batch_size=8
+  python -m vit22b.bench --config=configs/swinv2_imagenet.py:variant=T --config.input.batch_size=8 --vs=timm
+  python -m vit22b.bench --config=... --forward            # the inference forward instead of the train step
+
+Times the real jitted, donated train step of the config (model, optimizer, dtypes, mesh) on synthetic batches
+of the configured shapes, after warm-up, and prints one JSON line: compile_s, step_s (median and min over
+--steps), img_per_s, forward GFLOP per image (XLA's cost analysis of the unrolled model, and an analytic count),
+achieved model GFLOP/s (3 x forward for training), the matmul ceilings measured in the same process (a large f32
+matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the config's dtype, and peak memory from XLA's
+compiled memory analysis. `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
+alternating with ours, and prints its line and the ratio.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from vit22b import config_check, planner, sharding, train
+
+FLAGS = flags.FLAGS
+
+
+def matmul_ceiling(dtype, n=2048, reps=5):
+    """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32 (the fast bf16 path on this CPU)."""
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
+def swin_forward_flops(m, image_size, channels=3):
+    """Multiply-adds x 2 of one Swin V2 forward per image: patch embedding, window attention blocks (projections,
+    MLP, attention within windows), patch merging, head. The continuous position-bias MLP is left out (tiny)."""
+    p, c = m.patch_size, m.embed_dim
+    res = image_size // p
+    flops = 2 * res * res * p * p * channels * c
+    for i, depth in enumerate(m.depths):
+        n = res * res
+        win = min(m.window_size, res) ** 2
+        hidden = int(c * m.mlp_ratio)
+        flops += depth * 2 * (n * (4 * c * c + 2 * c * hidden) + 2 * n * win * c)
+        if i < len(m.depths) - 1:
+            flops += 2 * (n // 4) * 4 * c * 2 * c
+            res, c = res // 2, 2 * c
+    return flops + 2 * c * m.num_classes
+
+
+def analytic_forward_flops(config, model, num_classes, channels):
+    size = config.input.image_size
+    if config.get("model_name", "vit") == "vit":
+        kw = dict(width=model.width, depth=model.depth, mlp_dim=model.mlp_dim, patch_size=model.patch_size,
+                  head=model.head, num_classes=num_classes)
+        return planner.vit_forward_flops(kw, size, channels)
+    return swin_forward_flops(model, size, channels)
+
+
+def xla_forward_flops(model, image_shape):
+    """XLA's count for one image, from the unrolled model (a scanned body would be counted once)."""
+    unrolled = model.clone(scan=False)
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+    params = jax.eval_shape(lambda: unrolled.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))["params"]
+    cost = jax.jit(lambda p, x: unrolled.apply({"params": p}, x)).lower(sharding.strip_boxes(params), x).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def bench(config, steps=5, forward=False, warmup=2):
+    """One result dict for `config` (see the module docstring)."""
+    config_check.validate(config)
+    num_classes = 1000
+    size = config.input.image_size
+    channels = 3
+    batch = config.input.batch_size
+    image_shape = (size, size, channels)
+    mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
+    model = train.build_model(config, num_classes)
+    rng = np.random.default_rng(0)
+    host_batch = {"image": rng.uniform(-1, 1, (batch,) + image_shape).astype(np.float32),
+                  "label": rng.integers(0, num_classes, batch).astype(np.int32),
+                  "mask": np.ones(batch, np.float32)}
+    with sharding.activate(mesh, train.rules_of(config)):
+        state, shardings, tx, lr_fn = train.create_train_state(model, config, mesh, image_shape)
+        data = train.to_device(host_batch, mesh)
+        if forward:
+            step = jax.jit(lambda p, x: model.apply({"params": p}, x))
+            args = (state["params"], data["image"])
+        else:
+            step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
+            args = (state, data)
+        t = time.perf_counter()
+        compiled = step.lower(*args).compile()
+        compile_s = time.perf_counter() - t
+        times = []
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            if forward:
+                jax.block_until_ready(compiled(*args))
+            else:
+                state, metrics = compiled(state, data)
+                jax.block_until_ready(metrics)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    mem = compiled.memory_analysis()
+    fwd_xla = xla_forward_flops(model, image_shape)
+    fwd_analytic = analytic_forward_flops(config, model, num_classes, channels)
+    step_s = float(np.median(times))
+    img_per_s = batch / step_s
+    achieved = (1 if forward else 3) * fwd_analytic * img_per_s / 1e9
+    dtype = str(config.model.get("dtype", "float32"))
+    ceilings = {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+    ceiling = ceilings["bfloat16" if dtype == "bfloat16" else "float32"]
+    return {
+        "framework": "vit22b", "model": config.get("model_name", "vit"),
+        "variant": config.model.get("variant") or _shape_name(model), "mode": "forward" if forward else "train",
+        "batch": batch, "image_size": size, "dtype": dtype, "param_dtype": str(config.model.get("param_dtype", "float32")),
+        "devices": jax.device_count(), "threads": os.cpu_count(), "compile_s": round(compile_s, 2),
+        "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4), "steps": len(times)},
+        "img_per_s": round(img_per_s, 3),
+        "gflops_per_img": {"xla": round(fwd_xla / 1e9, 6), "analytic": round(fwd_analytic / 1e9, 6)},
+        "achieved_gflop_per_s": round(achieved, 1),
+        "matmul_ceiling_gflop_per_s": {k: round(v, 1) for k, v in ceilings.items()},
+        "mfu": round(achieved / ceiling, 3),
+        "peak_memory_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                 - mem.alias_size_in_bytes),
+    }
+
+
+def _shape_name(model):
+    if hasattr(model, "width"):
+        return f"width{model.width}-depth{model.depth}-patch{model.patch_size}"
+    return f"dim{model.embed_dim}-depths{'-'.join(map(str, model.depths))}"
+
+
+TIMM_EQUIVALENTS = {  # (model_name, block) or Swin variant -> timm model
+    ("vit", "sequential"): "vit_base_patch16_224",
+    ("vit", "parallel"): "vit_base_patch16_xp_224",
+    ("swinv2", "T"): "swinv2_tiny_window8_256",
+    ("swinv2", "S"): "swinv2_small_window8_256",
+    ("swinv2", "B"): "swinv2_base_window8_256",
+}
+
+
+def timm_name(config):
+    key = (("vit", config.model.get("block", "parallel")) if config.get("model_name", "vit") == "vit"
+           else ("swinv2", config.model.get("variant")))
+    if key not in TIMM_EQUIVALENTS:
+        raise ValueError(f"--vs=timm: no timm equivalent for {key}; known: {sorted(TIMM_EQUIVALENTS)}")
+    return TIMM_EQUIVALENTS[key]
+
+
+def run_timm(config, steps, forward):
+    cmd = [sys.executable, "-m", "vit22b.bench_timm", f"--model={timm_name(config)}",
+           f"--batch={config.input.batch_size}", f"--image_size={config.input.image_size}",
+           f"--dtype={config.model.get('dtype', 'float32')}", f"--steps={steps}"] + (["--forward"] if forward else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    if r.returncode:
+        raise RuntimeError(f"timm benchmark failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    ours = bench(config, FLAGS.steps, FLAGS.forward)
+    print(json.dumps(ours), flush=True)
+    if FLAGS.vs == "timm":
+        theirs = run_timm(config, FLAGS.steps, FLAGS.forward)
+        print(json.dumps(theirs), flush=True)
+        again = bench(config, FLAGS.steps, FLAGS.forward)  # ours, timm, ours: a noisy minute hits both
+        print(json.dumps(again), flush=True)
+        ours["img_per_s"] = round((ours["img_per_s"] + again["img_per_s"]) / 2, 3)
+        print(json.dumps({"ratio_img_per_s": round(ours["img_per_s"] / theirs["img_per_s"], 3),
+                          "ours": ours["img_per_s"], "timm": theirs["img_per_s"], "timm_model": theirs["model"]}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file with optional ':ARGS'.", lock_config=False)
+    flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")
+    flags.DEFINE_bool("forward", False, "Time the inference forward pass instead of the train step.")
+    flags.DEFINE_enum("vs", "", ["", "timm"], "Also time the equivalent timm model (PyTorch, CPU).")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,62 @@
+"""timm's side of `python -m vit22b.bench --vs=timm`: one JSON line for a timm model's train step (or forward)
+on the CPU, with the same batch, image size and dtype (bfloat16 = torch.autocast) and all CPU threads.
+
+  python -m vit22b.bench_timm --model=vit_base_patch16_224 --batch=8 --image_size=224 --dtype=float32
+"""
+import argparse
+import json
+import os
+import time
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--forward", action="store_true")
+    a = p.parse_args(argv)
+
+    import numpy as np
+    import timm
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    model = timm.create_model(a.model, pretrained=False, num_classes=1000, img_size=a.image_size)
+    x = torch.randn(a.batch, 3, a.image_size, a.image_size)
+    y = torch.randint(0, 1000, (a.batch,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+
+    def step():
+        if a.forward:
+            with torch.no_grad(), autocast:
+                model(x)
+            return
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    model.eval() if a.forward else model.train()
+    times = []
+    for i in range(a.warmup + a.steps):
+        t = time.perf_counter()
+        step()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    step_s = float(np.median(times))
+    print(json.dumps({"framework": "timm", "model": a.model, "mode": "forward" if a.forward else "train",
+                      "batch": a.batch, "image_size": a.image_size, "dtype": a.dtype, "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "timm": timm.__version__,
+                      "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4),
+                                 "steps": len(times)},
+                      "img_per_s": round(a.batch / step_s, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
