@@ -160,7 +160,7 @@ def load_data(config):
 
 
 def pipeline_kwargs(config, info, split="train"):
-    """The input-pipeline arguments a config asks for (shared by training, evaluation and the data benchmark)."""
+    """The input-pipeline arguments a config asks for, for training or evaluation."""
     inp = config.input
     pp = inp.get("pp_train" if split == "train" else "pp_eval") or input_pipeline.default_pp(
         inp.image_size, info.channels)
