@@ -282,13 +282,14 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
                 t0, step0, data_wait = time.perf_counter(), step, 0.0
             pending = []
             if do_eval:
+                t_eval = time.perf_counter()
                 ev = evaluate(eval_step, state["params"], eval_src, config, mesh, info)
                 writer.write(step, ev)
                 last.update(ev)
                 if is_main:
                     print(f"step {step}/{total} eval/accuracy {ev['eval/accuracy']:.4f} "
                           f"eval/loss {ev['eval/loss']:.4f} ({len(eval_src)} examples)", flush=True)
-                t0 = time.perf_counter()  # keep eval time out of the training throughput
+                t0 += time.perf_counter() - t_eval  # keep eval time out of the training throughput
             if do_ckpt:
                 checkpointing.save(manager, step, state, iterator.get_state())
             if sigterm:

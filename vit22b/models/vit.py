@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vit22b import collective
+from vit22b import collective, sharding
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
 # 22B from arXiv 2302.05442 (mlp = 4 * width reproduces its 21.74B parameters).
@@ -242,14 +242,7 @@ class ParallelBlock(nn.Module):
 def _collective_block(apply, x, p, mesh, axis, bidirectional):
     """Run `apply` under `jax.shard_map`: batch over the rules' batch axes (those that divide it), features,
     heads and the fused dimension over `axis`; per-head and replicated parameters whole."""
-    batch_axes = nn.logical_to_mesh_axes(("batch",))[0]
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    kept = []
-    for a in batch_axes:
-        if x.shape[0] % (int(np.prod([mesh.shape[b] for b in kept])) * mesh.shape[a]) == 0:
-            kept.append(a)
-    batch = tuple(kept) or None
-    act = P(batch, None, axis)
+    act = sharding.fit_spec(P(nn.logical_to_mesh_axes(("batch",))[0], None, axis), x.shape, mesh)
     specs = {"norm": {n: P(axis) for n in p["norm"]}, "in_kernel": P(None, axis), "mlp_bias": P(axis),
              "out_kernel": P(axis, None), "out_bias": P(axis), "qkv_bias": P(axis)}
     for n in ("q_norm", "k_norm"):
