@@ -267,8 +267,10 @@ def test_data_benchmark_prints_images_per_second(tmp_path):
     assert all(x["img_per_s"] > 0 and x["images"] == 24 and x["jpeg_px"] == 64 for x in rows)
 
 
-def test_fashion_mnist_config_uses_the_converted_idx_files():
+def test_fashion_mnist_config_is_the_recipe_the_readme_measured():
+    # README: 90.24% in 14 min 22 s with exactly these settings (the config test runs it on generated IDX files).
     c = config("vit22b_fashion_mnist", arg="")
     assert (c.input.data, c.model.patch_size, c.model.width, c.model.depth, c.input.batch_size) == (
         "fashion_mnist", 7, 64, 4, 256)
+    assert (c.total_steps, c.lr, c.optimizer, c.schedule.decay_type, c.seed) == (5000, 2e-3, "adamw", "cosine", 0)
     assert c.model.block == "parallel" and c.model.head == "map" and c.model.qk_norm
