@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.vit import REMAT_POLICIES
+from vit22b.models.vit import REMAT_POLICIES, gelu
 
 Dtype = Any
 
@@ -178,7 +178,7 @@ class Mlp(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         x = linear(self.hidden, "fc1", self.dtype, self.param_dtype, axes=("embed", "mlp"))(x)
-        return linear(d, "fc2", self.dtype, self.param_dtype, axes=("mlp", "embed"))(nn.gelu(x, approximate=False))
+        return linear(d, "fc2", self.dtype, self.param_dtype, axes=("mlp", "embed"))(gelu(x))
 
 
 def drop_path(x, rate, deterministic, rng):
