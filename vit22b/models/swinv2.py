@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.vit import REMAT_POLICIES, gelu
+from vit22b.models.vit import REMAT_POLICIES, Dense, add_bias, attend, gelu
 
 Dtype = Any
 
@@ -55,9 +55,9 @@ def layer_norm(name, dtype, param_dtype, zero=False):
 
 
 def linear(features, name, dtype, param_dtype, use_bias=True, axes=("embed", "mlp")):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=_p(dense_init, axes), bias_init=_p(nn.initializers.zeros, axes[1:]),
-                    precision=jax.lax.Precision.HIGHEST)
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                 kernel_init=_p(dense_init, axes), bias_init=_p(nn.initializers.zeros, axes[1:]),
+                 precision=jax.lax.Precision.HIGHEST)
 
 
 def relative_coords_table(window, pretrained_window=0):
@@ -136,36 +136,38 @@ class WindowAttention(nn.Module):
         rpb = bias_table[relative_position_index(self.window).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
         rpb = 16.0 * jax.nn.sigmoid(rpb)  # (nH, N, N)
         scale = jnp.exp(clamp_logit_scale(logit_scale.astype(jnp.float32)))  # (nH, 1, 1)
-        bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias]).astype(self.dtype)
-        t = qkv(x) + bias_qkv
-        t = t.reshape(t.shape[:-1] + (3, h, c // h))
-        q, k, v = (jnp.moveaxis(t[..., i, :, :], -2, -3) for i in range(3))  # [B, nW, nH, N, hd]
+        bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
+        t = add_bias(qkv(x), bias_qkv)
+        b, nw = t.shape[:2]
+        # Windows of all images form the batch: q, k, v [B * nW, N, nH, hd]. (Split on the last axis, whose
+        # gradient is one concatenation; indexing a middle axis would pad and add three times.)
+        q, k, v = (u.reshape(b * nw, n, h, c // h) for u in jnp.split(t, 3, axis=-1))
+        # Cosine similarity in float32, with the per-head logit scale folded into q.
+        q = _l2_normalize(q.astype(jnp.float32)) * scale.reshape(h, 1)
+        k = _l2_normalize(k.astype(jnp.float32))
+        # Logit bias [G, nH, N, N] for window i % G: the relative-position bias, plus the shift mask per window.
+        bias = rpb[None] if mask is None else rpb[None] + mask[:, None]
 
-        def core(q, k, v, mask):
-            q, k = _l2_normalize(q.astype(jnp.float32)), _l2_normalize(k.astype(jnp.float32))
-            logits = jnp.einsum("bwhqd,bwhkd->bwhqk", q, k, precision=jax.lax.Precision.HIGHEST)
-            logits = logits * scale + rpb
-            if mask is not None:
-                logits = logits + mask[None, :, None]
-            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            return jnp.einsum("bwhqk,bwhkd->bwqhd", weights, v.astype(self.dtype),
-                              preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+        def core(q, k, v, bias):
+            return attend(q, k, v, self.dtype, bias=bias, scale=1.0, precision=jax.lax.Precision.HIGHEST)
 
-        nw, chunks = x.shape[1], self.attn_chunks
+        chunks = self.attn_chunks
         if chunks <= 1:
-            out = core(q, k, v, mask)
+            out = core(q, k, v, bias)
         else:
             if nw % chunks:
                 raise ValueError(f"model.attn_chunks: {chunks} does not divide the {nw} windows of a stage")
             # Sequential self-attention: one chunk of windows at a time, each rematerialised in the backward
             # pass, so a single chunk's attention matrix is live instead of the whole stage's.
-            split = lambda a: jnp.moveaxis(a.reshape(a.shape[0], chunks, nw // chunks, *a.shape[2:]), 1, 0)
-            ms = (jnp.zeros((chunks,)) if mask is None
-                  else mask.reshape(chunks, nw // chunks, *mask.shape[1:]))
-            body = jax.checkpoint(lambda args: core(*args[:3], None if mask is None else args[3]))
-            out = jax.lax.map(body, (split(q), split(k), split(v), ms))
-            out = jnp.moveaxis(out, 0, 1).reshape((x.shape[0], nw) + out.shape[3:])
-        out = out.reshape(out.shape[:-2] + (c,)).astype(self.dtype)
+            def split(a):  # [B * nW, ...] -> [chunks, B * nW / chunks, ...]
+                a = a.reshape(b, chunks, nw // chunks, *a.shape[1:])
+                return jnp.moveaxis(a, 1, 0).reshape(chunks, b * (nw // chunks), *a.shape[3:])
+
+            biases = (jnp.broadcast_to(bias, (chunks,) + bias.shape) if mask is None
+                      else bias.reshape(chunks, nw // chunks, *bias.shape[1:]))
+            out = jax.lax.map(jax.checkpoint(lambda a: core(*a)), (split(q), split(k), split(v), biases))
+            out = jnp.moveaxis(out.reshape(chunks, b, nw // chunks, *out.shape[2:]), 0, 1)
+        out = out.reshape(b, nw, n, c).astype(self.dtype)
         return linear(c, "proj", self.dtype, self.param_dtype, axes=("heads", "embed"))(out)
 
 

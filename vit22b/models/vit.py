@@ -67,30 +67,33 @@ def _p(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
-def dense(x, kernel, dtype):
+def dense(x, kernel, dtype, precision=None):
     """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU)."""
     if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
-    return _low_precision_dense(x.astype(dtype), kernel.astype(dtype))
+        return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype), precision=precision)
+    return _low_precision_dense(x.astype(dtype), kernel)
 
 
 @jax.custom_vjp
-def _low_precision_dense(x, w):
-    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+def _low_precision_dense(x, kernel):
+    return jnp.einsum("...d,df->...f", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _low_precision_dense_fwd(x, w):
-    return _low_precision_dense(x, w), (x, w)
+def _low_precision_dense_fwd(x, kernel):
+    w = kernel.astype(x.dtype)
+    # The kernel's dtype rides along as a scalar: keeping the kernel itself would make a scan stack a copy of it.
+    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype), \
+        (x, w, jnp.zeros((), kernel.dtype))
 
 
 def _low_precision_dense_bwd(res, g):
     # Autodiff would multiply the float32 cotangent by the bf16 operands: a mixed-precision dot that XLA runs at
     # float32 speed. Rounding the cotangent to bf16 first (as torch.autocast does) keeps the backward's two dots
-    # on the fast path, still accumulated in float32: 1.35x faster ViT-B/16 bf16 train steps on this CPU.
-    x, w = res
+    # on the fast path, accumulated in float32; the kernel gradient stays float32 (autocast rounds it to bf16).
+    x, w, kernel_dtype = res
     g = g.astype(x.dtype)
     dx = jnp.einsum("...f,df->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum("...d,...f->df", x, g, preferred_element_type=jnp.float32).astype(w.dtype)
+    dw = jnp.einsum("...d,...f->df", x, g, preferred_element_type=jnp.float32).astype(kernel_dtype.dtype)
     return dx, dw
 
 
@@ -125,11 +128,27 @@ def _varying_axes(x):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+@jax.custom_vjp
 def gelu(x):
-    """Exact GELU, x * Phi(x), evaluated in float32 through erf. jax.nn.gelu(approximate=False) goes through
-    erfc, whose two-branch expansion XLA:CPU computes several times slower; the two agree within 1e-6."""
+    """Exact GELU, x * Phi(x), evaluated in float32 through erf: jax.nn.gelu(approximate=False) goes through
+    erfc, whose two-branch expansion XLA:CPU computes several times slower (the two agree within 1e-6). The
+    custom VJP keeps x in its own dtype for the backward pass; autodiff would store the float32 copy."""
     x32 = x.astype(jnp.float32)
     return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    phi = jnp.exp(-0.5 * x32 * x32) * np.float32(1 / np.sqrt(2 * np.pi))
+    grad = 0.5 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2)))) + x32 * phi
+    return ((g.astype(jnp.float32) * grad).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def make_norm(kind, dtype, param_dtype, name, axes=("embed",)):
@@ -142,10 +161,16 @@ def make_norm(kind, dtype, param_dtype, name, axes=("embed",)):
                         bias_init=_p(nn.initializers.zeros, axes), name=name)
 
 
-def attend(q, k, v, dtype):
-    """Softmax attention over [batch, length, heads, head_dim]; logits and softmax in float32, the four
-    matmuls in `dtype` accumulated in float32."""
-    return _attention(q.astype(dtype), k.astype(dtype), v.astype(dtype))
+def attend(q, k, v, dtype, bias=None, scale=None, precision=None):
+    """Softmax attention over [batch, length, heads, head_dim]: softmax(scale * q k^T + bias) v, the logits and
+    softmax in float32 and the four matmuls in `dtype` accumulated in float32. `scale` defaults to
+    1/sqrt(head_dim). `bias` [G, heads, q_len, k_len] is added to the logits of batch element i from bias[i % G]
+    (Swin: the shifted-window mask of window i % G plus the relative-position bias)."""
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is None:
+        return _attention(q, k, v, scale, precision)
+    return _biased_attention(q, k, v, bias.astype(jnp.float32), scale, precision)
 
 
 _F32 = dict(preferred_element_type=jnp.float32)
@@ -165,35 +190,67 @@ def _merge_heads(x, b):
     return x.reshape(b, n // b, l, d).transpose(0, 2, 1, 3)
 
 
-@jax.custom_vjp
-def _attention(q, k, v):
-    return _attention_fwd(q, k, v)[0]
+def _add_logit_bias(logits, bias):
+    """logits [b * h, q, k] + bias [G, h, q, k], batch element i taking bias[i % G]."""
+    g, h = bias.shape[:2]
+    return (logits.reshape(-1, g * h, *logits.shape[1:]) + bias.reshape(g * h, *bias.shape[2:])).reshape(logits.shape)
 
 
-def _attention_fwd(q, k, v):
+def _attention_fwd(q, k, v, bias, scale, precision):
     qs, ks, vs = _split_heads(q), _split_heads(k), _split_heads(v)
-    logits = jnp.einsum("nqd,nkd->nqk", qs, ks, **_F32) * (1.0 / np.sqrt(q.shape[-1]))
+    logits = jnp.einsum("nqd,nkd->nqk", qs, ks, precision=precision, **_F32) * scale
+    if bias is not None:
+        logits = _add_logit_bias(logits, bias)
     e = jnp.exp(logits - logits.max(-1, keepdims=True))
     weights = (e / e.sum(-1, keepdims=True)).astype(q.dtype)
-    out = jnp.einsum("nqk,nkd->nqd", weights, vs, **_F32).astype(q.dtype)
+    out = jnp.einsum("nqk,nkd->nqd", weights, vs, precision=precision, **_F32).astype(q.dtype)
     return _merge_heads(out, q.shape[0]), (qs, ks, vs, weights)
 
 
-def _attention_bwd(res, g):
+def _attention_bwd(scale, precision, res, g, bias_shape=None):
     # Autodiff of the forward would differentiate the reshapes and transposes back into the permuted layouts.
     qs, ks, vs, weights = res
     b, dtype = g.shape[0], qs.dtype
     gs = _split_heads(g.astype(dtype))
-    dweights = jnp.einsum("nqd,nkd->nqk", gs, vs, **_F32)
+    dweights = jnp.einsum("nqd,nkd->nqk", gs, vs, precision=precision, **_F32)
     w32 = weights.astype(jnp.float32)
-    dlogits = (w32 * (dweights - (dweights * w32).sum(-1, keepdims=True)) / np.sqrt(qs.shape[-1])).astype(dtype)
-    dq = jnp.einsum("nqk,nkd->nqd", dlogits, ks, **_F32)
-    dk = jnp.einsum("nqk,nqd->nkd", dlogits, qs, **_F32)
-    dv = jnp.einsum("nqk,nqd->nkd", weights, gs, **_F32)
-    return tuple(_merge_heads(t.astype(dtype), b) for t in (dq, dk, dv))
+    dlogits = w32 * (dweights - (dweights * w32).sum(-1, keepdims=True))
+    draw = (dlogits * scale).astype(dtype)
+    dq = jnp.einsum("nqk,nkd->nqd", draw, ks, precision=precision, **_F32)
+    dk = jnp.einsum("nqk,nqd->nkd", draw, qs, precision=precision, **_F32)
+    dv = jnp.einsum("nqk,nqd->nkd", weights, gs, precision=precision, **_F32)
+    grads = tuple(_merge_heads(t.astype(dtype), b) for t in (dq, dk, dv))
+    if bias_shape is None:
+        return grads
+    gsize = bias_shape[0]
+    return grads + (dlogits.reshape(-1, gsize, *bias_shape[1:]).sum(0),)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, scale, precision):
+    return _attention_fwd(q, k, v, None, scale, precision)[0]
+
+
+_attention.defvjp(lambda q, k, v, scale, precision: _attention_fwd(q, k, v, None, scale, precision),
+                  _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _biased_attention(q, k, v, bias, scale, precision):
+    return _attention_fwd(q, k, v, bias, scale, precision)[0]
+
+
+def _biased_attention_fwd(q, k, v, bias, scale, precision):
+    out, res = _attention_fwd(q, k, v, bias, scale, precision)
+    return out, (res, jnp.zeros(bias.shape + (0,), bias.dtype))  # an empty array that carries the bias shape
+
+
+def _biased_attention_bwd(scale, precision, res, g):
+    res, shape_carrier = res
+    return _attention_bwd(scale, precision, res, g, shape_carrier.shape[:-1])
+
+
+_biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0):
@@ -206,6 +263,26 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
     x = np.einsum("m,d->md", x.flatten(), omega)
     pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
     return jnp.asarray(pe, jnp.float32)[None]
+
+
+class Dense(nn.Module):
+    """nn.Dense's parameters (kernel [in, out], bias) computed through `dense` and `add_bias`: the fast bf16
+    path and float32 bias gradients."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = dense(x, kernel, self.dtype, self.precision)
+        if self.use_bias:
+            y = add_bias(y, self.param("bias", self.bias_init, (self.features,), self.param_dtype))
+        return y
 
 
 class NormParams(nn.Module):
