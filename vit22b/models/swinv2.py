@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.vit import REMAT_POLICIES, Dense, add_bias, attend, gelu
+from vit22b.models.vit import REMAT_POLICIES, Dense, Norm, add_bias, attend, gelu
 
 Dtype = Any
 
@@ -49,9 +49,8 @@ def _p(init, names):
 
 
 def layer_norm(name, dtype, param_dtype, zero=False):
-    init = nn.initializers.zeros if zero else nn.initializers.ones
-    return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
-                        scale_init=_p(init, ("embed",)), bias_init=_p(nn.initializers.zeros, ("embed",)))
+    return Norm("layernorm", eps=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+                scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
 
 def linear(features, name, dtype, param_dtype, use_bias=True, axes=("embed", "mlp")):

@@ -1,0 +1,124 @@
+"""The hand-written VJPs behind the CPU speed work (vit22b/models/vit.py) compute what autodiff of the plain
+formula computes, and the compiled bf16 train step keeps its matmuls in bf16."""
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit22b import models
+from vit22b.models import vit
+
+R = np.random.default_rng(0)
+
+
+def rand(*shape, scale=1.0, dtype=jnp.float32):
+    return jnp.asarray(R.standard_normal(shape) * scale, dtype)
+
+
+def reference_attention(q, k, v, bias=None, scale=None):
+    scale = 1 / np.sqrt(q.shape[-1]) if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if bias is not None:
+        logits = logits + jnp.tile(bias, (q.shape[0] // bias.shape[0], 1, 1, 1))
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+
+def assert_same_value_and_grads(ours, ref, args, atol):
+    g = rand(*ours(*args).shape)
+    np.testing.assert_allclose(ours(*args), ref(*args), atol=atol)
+    argnums = tuple(range(len(args)))
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(ours(*a) * g), argnums))(*args)
+    want = jax.grad(lambda *a: jnp.sum(ref(*a) * g), argnums)(*args)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=atol * max(1.0, float(jnp.abs(b).max())))
+
+
+def test_attention_matches_autodiff_of_the_formula():
+    q, k, v = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4)
+    assert_same_value_and_grads(lambda q, k, v: vit.attend(q, k, v, jnp.float32), reference_attention,
+                                (q, k, v), atol=1e-5)
+
+
+def test_biased_attention_takes_bias_per_window_and_returns_its_gradient():
+    # 6 = 2 images x 3 windows; bias [windows, heads, q, k] as Swin builds it (position bias + shift mask).
+    q, k, v, bias = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(3, 3, 7, 7)
+    assert_same_value_and_grads(
+        lambda q, k, v, b: vit.attend(q, k, v, jnp.float32, bias=b, scale=0.7),
+        lambda q, k, v, b: reference_attention(q, k, v, b, scale=0.7), (q, k, v, bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,flax_norm", [("layernorm", nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)),
+                                            ("rmsnorm", nn.RMSNorm(epsilon=1e-6))])
+def test_norm_matches_flax_with_the_same_parameters(kind, flax_norm):
+    x = rand(3, 5, 16, scale=2.0) + 1.0
+    ours = vit.Norm(kind)
+    params = nn.meta.unbox(ours.init(jax.random.PRNGKey(0), x))
+    assert jax.tree.structure(params) == jax.tree.structure(flax_norm.init(jax.random.PRNGKey(0), x))
+    params = jax.tree.map(lambda p: p + rand(*p.shape, scale=0.3), params)  # non-trivial scale and bias
+    assert_same_value_and_grads(lambda p, x: ours.apply(p, x), lambda p, x: flax_norm.apply(p, x),
+                                (params, x), atol=2e-6)
+
+
+def test_gelu_is_exact_gelu():
+    x = jnp.linspace(-8.0, 8.0, 2001)
+    assert_same_value_and_grads(vit.gelu, lambda x: jax.nn.gelu(x, approximate=False), (x,), atol=2e-6)
+    assert vit.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_bias_gradient_is_summed_in_float32():
+    # 4096 rows of bf16 ones plus a small part: summed in bf16 the total saturates (256 + 1 == 256 in bf16).
+    g = jnp.full((4096, 3), 1.0, jnp.bfloat16)
+    _, vjp = jax.vjp(vit.add_bias, jnp.zeros((4096, 3), jnp.bfloat16), jnp.zeros(3, jnp.float32))
+    dx, db = vjp(g)
+    assert dx.dtype == jnp.bfloat16 and db.dtype == jnp.float32
+    np.testing.assert_array_equal(db, np.full(3, 4096.0))
+
+
+def _dot_operand_dtypes(hlo):
+    """(lhs dtype, rhs dtype, op_name) of every dot in compiled HLO text, operands resolved to their shapes."""
+    shapes, dots = {}, []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", line)
+        if m:
+            shapes[m.group(1)] = m.group(2)
+        d = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\).*?op_name=\"([^\"]*)\"", line)
+        if d:
+            dots.append((d.group(1), d.group(2), d.group(3)))
+    return [(shapes.get(a), shapes.get(b), name) for a, b, name in dots]
+
+
+@pytest.mark.parametrize("design", ["sequential", "parallel"])
+def test_bf16_train_step_keeps_block_matmuls_in_bf16(design):
+    """XLA:CPU converts a bf16 dot's operands to f32 (halving its speed) when an operand arrives with a
+    permuted layout; attention on [batch * heads, len, dim] and the custom VJPs avoid that. Every matmul of
+    the transformer blocks, forward and backward, must keep bf16 operands."""
+    kw = dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=4, scan=False, dtype="bfloat16")
+    kw.update(dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", head="map")
+              if design == "parallel" else {})
+    model = models.build("vit", kw, num_classes=10)
+    x = jnp.zeros((4, 32, 32, 3))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    block_dots = [d for d in _dot_operand_dtypes(hlo) if "block_" in d[2]]
+    assert len(block_dots) >= 2 * 12  # 2 blocks x (4 forward + 8 backward) matmuls at least
+    assert all(a == b == "bf16" for a, b, _ in block_dots), [d for d in block_dots if d[:2] != ("bf16", "bf16")]
+
+
+def test_scanned_program_does_not_grow_with_depth():
+    """nn.scan keeps one copy of the block in the program, so compile time stays flat in depth (the bench
+    measures compile_s; README, Performance). Checked here on the compiled program's size, not a clock."""
+    def hlo_size(depth):
+        model = models.build("vit", dict(width=32, depth=depth, mlp_dim=64, num_heads=2, patch_size=4, scan=True,
+                                         block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm",
+                                         head="map"), num_classes=10)
+        x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
+        params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape))))
+        loss = lambda p, x: jnp.sum(model.apply(p, x) ** 2)
+        return len(jax.jit(jax.grad(loss)).lower(params, x).compile().as_text())
+
+    small, deep = hlo_size(4), hlo_size(48)
+    assert deep < 1.05 * small, (small, deep)
