@@ -28,8 +28,10 @@ from vit22b import config_check, planner, sharding, train
 FLAGS = flags.FLAGS
 
 
-def matmul_ceiling(dtype, n=2048, reps=5):
-    """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32 (the fast bf16 path on this CPU)."""
+def matmul_ceiling(dtype, n=None, reps=5):
+    """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32 (the fast bf16 path on this CPU).
+    n defaults to 2048 on a CPU and 8192 on an accelerator, where a smaller product would not fill the chip."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
@@ -72,7 +74,8 @@ def xla_forward_flops(model, image_shape):
     unrolled = model.clone(scan=False)
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
     params = jax.eval_shape(lambda: unrolled.init(jax.random.PRNGKey(0), jnp.zeros(x.shape)))["params"]
-    cost = jax.jit(lambda p, x: unrolled.apply({"params": p}, x)).lower(sharding.strip_boxes(params), x).cost_analysis()
+    lowered = jax.jit(lambda p, x: unrolled.apply({"params": p}, x)).lower(sharding.strip_boxes(params), x)
+    cost = lowered.cost_analysis() or lowered.compile().cost_analysis()  # GPU answers only once compiled
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0))
 
