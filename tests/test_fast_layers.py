@@ -1,4 +1,4 @@
-"""The hand-written VJPs behind the CPU speed work (vit22b/models/vit.py) compute what autodiff of the plain
+"""The hand-written VJPs behind the CPU speed work (vit22b/models/layers.py) compute what autodiff of the plain
 formula computes, and the compiled bf16 train step keeps its matmuls in bf16."""
 import re
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vit22b import models
-from vit22b.models import vit
+from vit22b.models import layers
 
 R = np.random.default_rng(0)
 
@@ -38,7 +38,7 @@ def assert_same_value_and_grads(ours, ref, args, atol):
 
 def test_attention_matches_autodiff_of_the_formula():
     q, k, v = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4)
-    assert_same_value_and_grads(lambda q, k, v: vit.attend(q, k, v, jnp.float32), reference_attention,
+    assert_same_value_and_grads(lambda q, k, v: layers.attend(q, k, v, jnp.float32), reference_attention,
                                 (q, k, v), atol=1e-5)
 
 
@@ -46,7 +46,7 @@ def test_biased_attention_takes_bias_per_window_and_returns_its_gradient():
     # 6 = 2 images x 3 windows; bias [windows, heads, q, k] as Swin builds it (position bias + shift mask).
     q, k, v, bias = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(3, 3, 7, 7)
     assert_same_value_and_grads(
-        lambda q, k, v, b: vit.attend(q, k, v, jnp.float32, bias=b, scale=0.7),
+        lambda q, k, v, b: layers.attend(q, k, v, jnp.float32, bias=b, scale=0.7),
         lambda q, k, v, b: reference_attention(q, k, v, b, scale=0.7), (q, k, v, bias), atol=1e-5)
 
 
@@ -54,7 +54,7 @@ def test_biased_attention_takes_bias_per_window_and_returns_its_gradient():
                                             ("rmsnorm", nn.RMSNorm(epsilon=1e-6))])
 def test_norm_matches_flax_with_the_same_parameters(kind, flax_norm):
     x = rand(3, 5, 16, scale=2.0) + 1.0
-    ours = vit.Norm(kind)
+    ours = layers.Norm(kind)
     params = nn.meta.unbox(ours.init(jax.random.PRNGKey(0), x))
     assert jax.tree.structure(params) == jax.tree.structure(flax_norm.init(jax.random.PRNGKey(0), x))
     params = jax.tree.map(lambda p: p + rand(*p.shape, scale=0.3), params)  # non-trivial scale and bias
@@ -64,14 +64,14 @@ def test_norm_matches_flax_with_the_same_parameters(kind, flax_norm):
 
 def test_gelu_is_exact_gelu():
     x = jnp.linspace(-8.0, 8.0, 2001)
-    assert_same_value_and_grads(vit.gelu, lambda x: jax.nn.gelu(x, approximate=False), (x,), atol=2e-6)
-    assert vit.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    assert_same_value_and_grads(layers.gelu, lambda x: jax.nn.gelu(x, approximate=False), (x,), atol=2e-6)
+    assert layers.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_bias_gradient_is_summed_in_float32():
     # 1576 bf16 rows per feature: a sum kept in bf16 (8 significant bits) is off by ~1 here; float32 is not.
     g = rand(8, 197, 64, dtype=jnp.bfloat16)
-    _, vjp = jax.vjp(jax.jit(vit.add_bias), jnp.zeros((8, 197, 64), jnp.bfloat16), jnp.zeros(64, jnp.float32))
+    _, vjp = jax.vjp(jax.jit(layers.add_bias), jnp.zeros((8, 197, 64), jnp.bfloat16), jnp.zeros(64, jnp.float32))
     dx, db = vjp(g)
     assert dx.dtype == jnp.bfloat16 and db.dtype == jnp.float32
     exact = np.asarray(g, np.float64).sum((0, 1))

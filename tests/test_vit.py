@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vit22b import models
-from vit22b.models import vit
+from vit22b.models import layers, vit
 
 DESIGN = dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", head="map")
 CLASSIC = dict(block="sequential", qk_norm=False, qkv_bias=True, norm="layernorm", head="token")
@@ -247,7 +247,7 @@ def test_bf16_dense_backward_stays_on_bf16_dots():
     w = jax.random.normal(jax.random.PRNGKey(1), (32, 48)) / 6
 
     def loss(x, w, dtype):
-        return jnp.sum(jnp.sin(vit.dense(x, w, dtype).astype(jnp.float32)))
+        return jnp.sum(jnp.sin(layers.dense(x, w, dtype).astype(jnp.float32)))
 
     g16 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)
     g32 = jax.grad(loss, argnums=(0, 1))(x, w, jnp.float32)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.vit import REMAT_POLICIES, Dense, Norm, add_bias, attend, gelu
+from vit22b.models.layers import Dense, Norm, add_bias, attend, gelu
+from vit22b.models.vit import REMAT_POLICIES
 
 Dtype = Any
 

@@ -1,0 +1,313 @@
+"""Layers the model families share, written for speed on every backend and for the CPU in particular: the
+matmul with a bf16 fast path, biases, exact GELU, RMSNorm / LayerNorm and softmax attention, each with a
+hand-written VJP where autodiff gave XLA:CPU slow or low-precision programs (README, Performance).
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def _p(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+def dense(x, kernel, dtype, precision=None):
+    """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype), precision=precision)
+    return _low_precision_dense(x.astype(dtype), kernel)
+
+
+@jax.custom_vjp
+def _low_precision_dense(x, kernel):
+    return jnp.einsum("...d,df->...f", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _low_precision_dense_fwd(x, kernel):
+    w = kernel.astype(x.dtype)
+    # The kernel's dtype rides along as a scalar: keeping the kernel itself would make a scan stack a copy of it.
+    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype), \
+        (x, w, jnp.zeros((), kernel.dtype))
+
+
+def _low_precision_dense_bwd(res, g):
+    # Autodiff would multiply the float32 cotangent by the bf16 operands: a mixed-precision dot that XLA runs at
+    # float32 speed. Rounding the cotangent to bf16 first (as torch.autocast does) keeps the backward's two dots
+    # on the fast path, accumulated in float32; the kernel gradient stays float32 (autocast rounds it to bf16).
+    x, w, kernel_dtype = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("...f,df->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    dw = jnp.einsum("...d,...f->df", x, g, preferred_element_type=jnp.float32).astype(kernel_dtype.dtype)
+    return dx, dw
+
+
+_low_precision_dense.defvjp(_low_precision_dense_fwd, _low_precision_dense_bwd)
+
+
+@jax.custom_vjp
+def add_bias(x, b):
+    """x + b, b broadcast over x's leading axes. Autodiff would sum b's gradient in x's dtype; in bf16 XLA:CPU
+    turns that sum into a slow windowed reduction (about 10 ms for one [8, 197, 3072] bias, a quarter of the
+    ViT-B/16 bf16 backward) that also accumulates in bf16. Here it is summed in float32."""
+    return x + b.astype(x.dtype)
+
+
+def _add_bias_fwd(x, b):
+    return add_bias(x, b), b
+
+
+def _add_bias_bwd(b, g):
+    db = g.astype(jnp.float32).sum(tuple(range(g.ndim - b.ndim)))
+    return g, _sum_over_replicas(db, g, b).astype(b.dtype)
+
+
+def _sum_over_replicas(grad, cotangent, param):
+    """Inside jax.shard_map a parameter may be replicated over mesh axes that the activations vary on (a
+    data-parallel batch): the adjoint of that implicit broadcast is a sum over those devices, which autodiff
+    would insert and a custom VJP must add itself."""
+    varying = lambda t: frozenset(getattr(getattr(jax.typeof(t), "manual_axis_type", None), "varying", ()))
+    extra = varying(cotangent) - varying(param)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+@jax.custom_vjp
+def gelu(x):
+    """Exact GELU, x * Phi(x), evaluated in float32 through erf: jax.nn.gelu(approximate=False) goes through
+    erfc, whose two-branch expansion XLA:CPU computes several times slower (the two agree within 1e-6). The
+    custom VJP keeps x in its own dtype for the backward pass; autodiff would store the float32 copy."""
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2))))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    phi = jnp.exp(-0.5 * x32 * x32) * np.float32(1 / np.sqrt(2 * np.pi))
+    grad = 0.5 * (1.0 + jax.lax.erf(x32 * np.float32(1 / np.sqrt(2)))) + x32 * phi
+    return ((g.astype(jnp.float32) * grad).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+def attend(q, k, v, dtype, bias=None, scale=None, precision=None):
+    """Softmax attention over [batch, length, heads, head_dim]: softmax(scale * q k^T + bias) v, the logits and
+    softmax in float32 and the four matmuls in `dtype` accumulated in float32. `scale` defaults to
+    1/sqrt(head_dim). `bias` [G, heads, q_len, k_len] is added to the logits of batch element i from bias[i % G]
+    (Swin: the shifted-window mask of window i % G plus the relative-position bias)."""
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    if bias is None:
+        return _attention(q, k, v, scale, precision)
+    return _biased_attention(q, k, v, bias.astype(jnp.float32), scale, precision)
+
+
+_F32 = dict(preferred_element_type=jnp.float32)
+
+
+# A transpose alone only changes an array's layout tag, which a dot then inherits; XLA:CPU sends dots with
+# permuted operand layouts to a slow path and, in bf16, first converts their operands to f32. Folding the heads
+# into the batch with a reshape that is not a bitcast forces a real row-major copy, so attention works on
+# [batch * heads, length, head_dim]: every bf16 matmul stays bf16.
+def _split_heads(x):
+    b, l, h, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b * h, l, d)
+
+
+def _merge_heads(x, b):
+    n, l, d = x.shape
+    return x.reshape(b, n // b, l, d).transpose(0, 2, 1, 3)
+
+
+def _transpose_qk(x, b):
+    """[b * h, q, k] -> [b * h, k, q] as a row-major copy (see `_split_heads`)."""
+    n, q, k = x.shape
+    return x.reshape(b, n // b, q, k).transpose(0, 1, 3, 2).reshape(n, k, q)
+
+
+def _add_logit_bias(logits, bias):
+    """logits [b * h, q, k] + bias [G, h, q, k], batch element i taking bias[i % G]."""
+    g, h = bias.shape[:2]
+    return (logits.reshape(-1, g * h, *logits.shape[1:]) + bias.reshape(g * h, *bias.shape[2:])).reshape(logits.shape)
+
+
+def _attention_fwd(q, k, v, bias, scale, precision):
+    qs, ks, vs = _split_heads(q), _split_heads(k), _split_heads(v)
+    logits = jnp.einsum("nqd,nkd->nqk", qs, ks, precision=precision, **_F32) * scale
+    if bias is not None:
+        logits = _add_logit_bias(logits, bias)
+    e = jnp.exp(logits - logits.max(-1, keepdims=True))
+    weights = (e / e.sum(-1, keepdims=True)).astype(q.dtype)
+    out = jnp.einsum("nqk,nkd->nqd", weights, vs, precision=precision, **_F32).astype(q.dtype)
+    return _merge_heads(out, q.shape[0]), (qs, ks, vs, weights)
+
+
+def _attention_bwd(scale, precision, res, g, bias_shape=None):
+    # Autodiff of the forward would differentiate the reshapes and transposes back into the permuted layouts.
+    qs, ks, vs, weights = res
+    b, dtype = g.shape[0], qs.dtype
+    gs = _split_heads(g.astype(dtype))
+    dweights = jnp.einsum("nqd,nkd->nqk", gs, vs, precision=precision, **_F32)
+    w32 = weights.astype(jnp.float32)
+    dlogits = w32 * (dweights - (dweights * w32).sum(-1, keepdims=True))
+    draw = (dlogits * scale).astype(dtype)
+    dq = jnp.einsum("nqk,nkd->nqd", draw, ks, precision=precision, **_F32)
+    if dtype == jnp.float32:  # XLA:CPU contracts the leading query axis directly, fast in float32 ...
+        dk = jnp.einsum("nqk,nqd->nkd", draw, qs, precision=precision, **_F32)
+        dv = jnp.einsum("nqk,nqd->nkd", weights, gs, precision=precision, **_F32)
+    else:  # ... but in bf16 only after converting to f32, so there the [q, k] matrices are transposed first
+        dk = jnp.einsum("nkq,nqd->nkd", _transpose_qk(draw, b), qs, precision=precision, **_F32)
+        dv = jnp.einsum("nkq,nqd->nkd", _transpose_qk(weights, b), gs, precision=precision, **_F32)
+    grads = tuple(_merge_heads(t.astype(dtype), b) for t in (dq, dk, dv))
+    if bias_shape is None:
+        return grads
+    gsize = bias_shape[0]
+    return grads + (dlogits.reshape(-1, gsize, *bias_shape[1:]).sum(0),)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _attention(q, k, v, scale, precision):
+    return _attention_fwd(q, k, v, None, scale, precision)[0]
+
+
+_attention.defvjp(lambda q, k, v, scale, precision: _attention_fwd(q, k, v, None, scale, precision),
+                  _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _biased_attention(q, k, v, bias, scale, precision):
+    return _attention_fwd(q, k, v, bias, scale, precision)[0]
+
+
+def _biased_attention_fwd(q, k, v, bias, scale, precision):
+    out, res = _attention_fwd(q, k, v, bias, scale, precision)
+    return out, (res, jnp.zeros(bias.shape + (0,), bias.dtype))  # an empty array that carries the bias shape
+
+
+def _biased_attention_bwd(scale, precision, res, g):
+    res, shape_carrier = res
+    return _attention_bwd(scale, precision, res, g, shape_carrier.shape[:-1])
+
+
+_biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)
+
+
+class Dense(nn.Module):
+    """nn.Dense's parameters (kernel [in, out], bias) computed through `dense` and `add_bias`: the fast bf16
+    path and float32 bias gradients."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = dense(x, kernel, self.dtype, self.precision)
+        if self.use_bias:
+            y = add_bias(y, self.param("bias", self.bias_init, (self.features,), self.param_dtype))
+        return y
+
+
+def _norm_params(module, kind, features, axes, param_dtype, scale_init):
+    scale = module.param("scale", _p(scale_init, axes), (features,), param_dtype)
+    if kind == "rmsnorm":
+        return {"scale": scale}
+    return {"scale": scale, "bias": module.param("bias", _p(nn.initializers.zeros, axes), (features,), param_dtype)}
+
+
+class NormParams(nn.Module):
+    """The parameters of `Norm(kind, ...)` under the same names (scale, and bias for layernorm), for code
+    that normalises with `normalize` itself, e.g. over a feature dimension split across devices."""
+    kind: str
+    axes: tuple = ("embed",)
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features):
+        return _norm_params(self, self.kind, features, self.axes, self.param_dtype, nn.initializers.ones)
+
+
+class Norm(nn.Module):
+    """RMSNorm / LayerNorm over the last axis through `normalize` (float32 statistics, custom VJP)."""
+    kind: str
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axes: tuple = ("embed",)
+    scale_init: Any = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x):
+        p = _norm_params(self, self.kind, x.shape[-1], self.axes, self.param_dtype, self.scale_init)
+        return normalize(x, p, self.kind, self.dtype, eps=self.eps)
+
+
+def normalize(x, p, kind, dtype, axis_name=None, features=None, eps=1e-6):
+    """RMSNorm / LayerNorm over the last axis in float32, as flax.linen computes them. With `axis_name`, the
+    last axis is this device's chunk of `features` and the statistics are summed over the devices (one psum)."""
+    if axis_name is None:
+        return _norm(x, p["scale"], p.get("bias"), kind, eps, jnp.dtype(dtype))
+    x32 = x.astype(jnp.float32)
+    total = lambda t: jax.lax.psum(t, axis_name)
+    n = features or x.shape[-1]
+    if kind == "layernorm":
+        mean = total(x32.sum(-1, keepdims=True)) / n
+        x32 = x32 - mean
+    var = total(jnp.square(x32).sum(-1, keepdims=True)) / n
+    y = x32 * jax.lax.rsqrt(var + eps) * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _norm(x, scale, bias, kind, eps, dtype):
+    return _norm_fwd(x, scale, bias, kind, eps, dtype)[0]
+
+
+def _norm_fwd(x, scale, bias, kind, eps, dtype):
+    # The custom VJP keeps x in its own dtype plus two float32 statistics per row for the backward pass, and
+    # computes it in a few fused passes; autodiff of the float32 arithmetic kept float32 copies and took about
+    # twice as long on the CPU.
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True) if kind == "layernorm" else None
+    xc = x32 - mean if mean is not None else x32
+    rstd = jax.lax.rsqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
+    y = xc * rstd * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _norm_bwd(kind, eps, dtype, res, g):
+    x, mean, rstd, scale, bias = res
+    x32 = x.astype(jnp.float32)
+    xhat = (x32 - mean if mean is not None else x32) * rstd
+    g32 = g.astype(jnp.float32)
+    dy = g32 * scale.astype(jnp.float32)
+    dx = dy - xhat * (dy * xhat).mean(-1, keepdims=True)
+    if mean is not None:
+        dx = dx - dy.mean(-1, keepdims=True)
+    rows = tuple(range(x.ndim - 1))
+    dscale = _sum_over_replicas((g32 * xhat).sum(rows), g, scale).astype(scale.dtype)
+    dbias = None if bias is None else _sum_over_replicas(g32.sum(rows), g, bias).astype(bias.dtype)
+    return (dx * rstd).astype(x.dtype), dscale, dbias
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
