@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import CONFIGS, REPO
+from vit22b import hugepages
 
 
 def _json_lines(cmd):
@@ -30,6 +33,42 @@ def test_bench_prints_a_sane_json_line():
     assert c["float32"] > 1 and c["bfloat16"] > 1
     assert abs(row["mfu"] - row["achieved_gflop_per_s"] / c["float32"]) < 0.002 and 0 < row["mfu"] < 1.5
     assert row["peak_memory_bytes"] > 0
+    # The command re-executed itself with huge pages for the allocator, where this machine supports them.
+    assert row["host_memory"] == {"malloc_hugetlb": hugepages_supported(), "thp": hugepages.thp_mode()}
+
+
+def hugepages_supported():
+    return (hugepages.glibc_version() or (0, 0)) >= (2, 35) and hugepages.thp_mode() not in (None, "never")
+
+
+# Allocates and touches 256 MiB through malloc after the entry points' re-exec, and prints the page faults.
+FAULTS = """
+import ctypes, resource, sys
+from vit22b import hugepages
+hugepages.reexec_with_huge_pages()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+n = 256 << 20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+p = libc.malloc(ctypes.c_size_t(n))
+ctypes.memset(p, 1, n)
+print(hugepages.status()["malloc_hugetlb"], resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not hugepages_supported(), reason="needs glibc >= 2.35 and a kernel with transparent huge pages")
+def test_reexec_with_huge_pages_cuts_page_faults():
+    def faults(**env):
+        r = subprocess.run([sys.executable, "-c", FAULTS], cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in dict(os.environ, **env).items() if k != "GLIBC_TUNABLES"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        on, n = r.stdout.split()
+        return on == "True", int(n)
+
+    off_flag, off = faults(VIT22B_HUGE_PAGES="0")
+    on_flag, on = faults()
+    assert not off_flag and on_flag
+    assert off > 60_000 and on < off / 20, (off, on)  # 4 KiB pages: 65,536 faults; 2 MiB pages: 128
 
 
 def test_timm_side_prints_a_sane_json_line():

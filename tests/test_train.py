@@ -5,11 +5,12 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import CONFIGS, REPO, config, main_cmd
-from vit22b import checkpointing, train
+from vit22b import checkpointing, sharding, train
 from vit22b.metrics_writer import read_metrics
 
 TOTAL = 80
@@ -118,6 +119,30 @@ def test_digits_training_learns(tmp_path):
     assert out["eval/accuracy"] >= 0.9, out
     keys = set().union(*rows)
     assert {"step", "train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "eval/accuracy"} <= keys
+    # Steps between logs run without the two norms; every logged row still has them.
+    assert [r["step"] for r in rows if "train/loss" in r] == [50, 100, 150, 200, 250, 300]
+    assert all(r["train/param_norm"] > 0 and r["train/update_norm"] > 0 for r in rows if "train/loss" in r)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     assert (tmp_path / "checkpoints" / "300").is_dir()
     assert json.loads((tmp_path / "config.json").read_text())["input"]["data"] == "digits"
+
+
+def test_the_step_without_norms_makes_the_same_update():
+    c = config("vit22b_digits", "runlocal")
+    mesh = sharding.make_mesh("data:-1")
+    model = train.build_model(c, 10)
+    size = c.input.image_size
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (16, size, size, 3)).astype(np.float32),
+             "label": rng.integers(0, 10, 16).astype(np.int32), "mask": np.ones(16, np.float32)}
+    out = {}
+    with sharding.activate(mesh, train.rules_of(c)):
+        for norms in (True, False):
+            state, shardings, tx, lr_fn = train.create_train_state(model, c, mesh, (size, size, 3))
+            step = train.make_train_step(model, tx, lr_fn, c, shardings, mesh, norms=norms)
+            out[norms] = jax.device_get(step(state, train.to_device(batch, mesh)))
+    (full_state, full), (quiet_state, quiet) = out[True], out[False]
+    assert set(full) - set(quiet) == {"param_norm", "update_norm"} and set(quiet) <= set(full)
+    assert all(quiet[k] == full[k] for k in quiet)
+    for a, b in zip(jax.tree.leaves(full_state), jax.tree.leaves(quiet_state)):
+        np.testing.assert_array_equal(a, b)

@@ -4,12 +4,13 @@
   python -m vit22b.bench --config=configs/swinv2_imagenet.py:variant=T --config.input.batch_size=8 --vs=timm
   python -m vit22b.bench --config=... --forward            # the inference forward instead of the train step
 
-Times the real jitted, donated train step of the config (model, optimizer, dtypes, mesh) on synthetic batches
-of the configured shapes, after warm-up, and prints one JSON line: compile_s, step_s (median and min over
---steps), img_per_s, forward GFLOP per image (XLA's cost analysis of the unrolled model, and an analytic count),
-achieved model GFLOP/s (3 x forward for training), the matmul ceilings measured in the same process (a large f32
-matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the config's dtype, and peak memory from XLA's
-compiled memory analysis. `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
+Times the real jitted, donated train step of the config (model, optimizer, dtypes, mesh; the variant the loop
+runs between log steps) on synthetic batches of the configured shapes, after warm-up, and prints one JSON line:
+compile_s, step_s (median and min over --steps), img_per_s, forward GFLOP per image (XLA's cost analysis of the
+unrolled model, and an analytic count), achieved model GFLOP/s (3 x forward for training), the matmul ceilings
+measured in the same process (a large f32 matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the
+config's dtype, peak memory from XLA's compiled memory analysis, and whether the host allocator uses huge pages
+(vit22b/hugepages.py). `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
 alternating with ours, and prints its line and the ratio.
 """
 import json
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit22b import config_check, planner, sharding, train
+from vit22b import config_check, hugepages, planner, sharding, train
 
 FLAGS = flags.FLAGS
 
@@ -101,7 +102,8 @@ def bench(config, steps=5, forward=False, warmup=2):
             step = jax.jit(lambda p, x: model.apply({"params": p}, x))
             args = (state["params"], data["image"])
         else:
-            step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
+            # The step the loop runs between log steps (without param_norm and update_norm).
+            step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)
             args = (state, data)
         t = time.perf_counter()
         compiled = step.lower(*args).compile()
@@ -129,7 +131,8 @@ def bench(config, steps=5, forward=False, warmup=2):
         "framework": "vit22b", "model": config.get("model_name", "vit"),
         "variant": config.model.get("variant") or _shape_name(model), "mode": "forward" if forward else "train",
         "batch": batch, "image_size": size, "dtype": dtype, "param_dtype": str(config.model.get("param_dtype", "float32")),
-        "devices": jax.device_count(), "threads": os.cpu_count(), "compile_s": round(compile_s, 2),
+        "devices": jax.device_count(), "threads": os.cpu_count(), "host_memory": hugepages.status(),
+        "compile_s": round(compile_s, 2),
         "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4), "steps": len(times)},
         "img_per_s": round(img_per_s, 3),
         "gflops_per_img": {"xla": round(fwd_xla / 1e9, 6), "analytic": round(fwd_analytic / 1e9, 6)},
@@ -191,6 +194,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_huge_pages()  # ours and timm's subprocess alike: see vit22b/hugepages.py
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file with optional ':ARGS'.", lock_config=False)
     flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")

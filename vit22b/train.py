@@ -75,8 +75,13 @@ def abstract_batch(batch_size, image_shape, num_classes, multi_label=False):
             "label": jax.ShapeDtypeStruct(*label), "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
 
 
-def make_train_step(model, tx, lr_fn, config, state_shardings, mesh):
-    """The jitted step; trace, lower and call it inside `sharding.activate(mesh, rules)`."""
+def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True):
+    """The jitted step; trace, lower and call it inside `sharding.activate(mesh, rules)`.
+
+    Its metrics are loss, grad_norm and lr, plus param_norm and update_norm when `norms`. Those two cost two
+    extra passes over the parameters, and the update tree is then written out instead of fused into the
+    parameter update: 65 ms of a 2.8 s ViT-B/16 bf16 step on 2 CPU cores. So `run` uses the variant
+    without them between log steps."""
     smoothing = config.get("label_smoothing", 0.0)
 
     def step_fn(state, batch):
@@ -90,8 +95,9 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh):
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"]),
-                   "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
+        if norms:
+            metrics.update(param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
 
@@ -235,6 +241,7 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
               f"steps {start}..{config.total_steps}", flush=True)
 
     train_step = make_train_step(model, tx, lr_fn, config, shardings, mesh)
+    quiet_step = make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)  # compiled on first use
     eval_step = make_eval_step(model, config, shardings["params"], mesh)
 
     stop = {"sigterm": False}
@@ -252,7 +259,9 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
             batch = next(iterator)
             data_wait += time.perf_counter() - t_wait
             bad_records += int(batch.pop("bad").sum())
-            state, metrics = train_step(state, to_device(_model_inputs(batch), mesh))
+            # A SIGTERM during this step makes it the last one, logged without param_norm and update_norm.
+            logged = step % config.log_every == 0 or step == total or stop["sigterm"]
+            state, metrics = (train_step if logged else quiet_step)(state, to_device(_model_inputs(batch), mesh))
             pending.append((step, metrics))
             sigterm = stop["sigterm"]  # read once: the signal may land anywhere in this iteration
             final = step == total or sigterm
