@@ -36,18 +36,30 @@ def assert_same_value_and_grads(ours, ref, args, atol):
         np.testing.assert_allclose(a, b, atol=atol * max(1.0, float(jnp.abs(b).max())))
 
 
-def test_attention_matches_autodiff_of_the_formula():
+@pytest.mark.parametrize("chunks", [1, 3, None])  # None: cpu_batch_chunks, 2 slices here
+def test_attention_matches_autodiff_of_the_formula(chunks):
     q, k, v = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4)
-    assert_same_value_and_grads(lambda q, k, v: layers.attend(q, k, v, jnp.float32), reference_attention,
-                                (q, k, v), atol=1e-5)
+    assert_same_value_and_grads(lambda q, k, v: layers.attend(q, k, v, jnp.float32, batch_chunks=chunks),
+                                reference_attention, (q, k, v), atol=1e-5)
 
 
-def test_biased_attention_takes_bias_per_window_and_returns_its_gradient():
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_biased_attention_takes_bias_per_window_and_returns_its_gradient(chunks):
     # 6 = 2 images x 3 windows; bias [windows, heads, q, k] as Swin builds it (position bias + shift mask).
     q, k, v, bias = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(3, 3, 7, 7)
     assert_same_value_and_grads(
-        lambda q, k, v, b: layers.attend(q, k, v, jnp.float32, bias=b, scale=0.7),
+        lambda q, k, v, b: layers.attend(q, k, v, jnp.float32, bias=b, scale=0.7, batch_chunks=chunks),
         lambda q, k, v, b: reference_attention(q, k, v, b, scale=0.7), (q, k, v, bias), atol=1e-5)
+
+
+def test_batch_chunks_keep_whole_bias_groups():
+    assert layers.cpu_batch_chunks(8) == 8 and layers.cpu_batch_chunks(6) == 2 and layers.cpu_batch_chunks(7) == 1
+    assert layers.cpu_batch_chunks(512, groups=64) == 8 and layers.cpu_batch_chunks(128, groups=64) == 2
+    assert layers.cpu_batch_chunks(6, groups=3) == 2 and layers.cpu_batch_chunks(3, groups=3) == 1
+    q = rand(6, 7, 3, 4)
+    with pytest.raises(ValueError, match="batch_chunks=3 must split the batch of 6 into whole multiples of the "
+                                         "bias's 3 groups"):
+        layers.attend(q, q, q, jnp.float32, bias=rand(3, 3, 7, 7), batch_chunks=3)
 
 
 @pytest.mark.parametrize("kind,flax_norm", [("layernorm", nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)),

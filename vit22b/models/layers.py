@@ -102,16 +102,49 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def attend(q, k, v, dtype, bias=None, scale=None, precision=None):
+def attend(q, k, v, dtype, bias=None, scale=None, precision=None, batch_chunks=None):
     """Softmax attention over [batch, length, heads, head_dim]: softmax(scale * q k^T + bias) v, the logits and
     softmax in float32 and the four matmuls in `dtype` accumulated in float32. `scale` defaults to
     1/sqrt(head_dim). `bias` [G, heads, q_len, k_len] is added to the logits of batch element i from bias[i % G]
-    (Swin: the shifted-window mask of window i % G plus the relative-position bias)."""
+    (Swin: the shifted-window mask of window i % G plus the relative-position bias).
+
+    `batch_chunks` splits the batch into that many independent attentions (None: `cpu_batch_chunks`)."""
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
-    if bias is None:
-        return _attention(q, k, v, scale, precision)
-    return _biased_attention(q, k, v, bias.astype(jnp.float32), scale, precision)
+    groups = 1 if bias is None else bias.shape[0]
+    chunks = cpu_batch_chunks(q.shape[0], groups) if batch_chunks is None else batch_chunks
+    if q.shape[0] % chunks or (q.shape[0] // chunks) % groups:
+        raise ValueError(f"attend: batch_chunks={chunks} must split the batch of {q.shape[0]} into whole "
+                         f"multiples of the bias's {groups} groups")
+
+    def one(q, k, v):
+        if bias is None:
+            return _attention(q, k, v, scale, precision)
+        return _biased_attention(q, k, v, bias.astype(jnp.float32), scale, precision)
+
+    if chunks == 1:
+        return one(q, k, v)
+    return jnp.concatenate([one(*t) for t in zip(*(jnp.split(a, chunks) for a in (q, k, v)))])
+
+
+def cpu_batch_chunks(batch, groups=1, most=8):
+    """How many independent slices of the batch `attend` computes on this backend: on the CPU, the largest of
+    8, 4, 2 that splits the batch into whole multiples of `groups`; elsewhere, and under a multi-device mesh
+    (where slicing a sharded batch would move data), 1.
+
+    Measured on 2 CPU cores: one batched matmul takes as long on one core as on two, and a whole batch's score
+    matrices do not stay in cache. Slices run side by side, each in cache: ViT-B/16 attention forward + backward
+    (batch 8) takes 17 instead of 27 ms in bf16 and 26 instead of 31 ms in float32; SwinV2-T's first stage (512
+    windows) 28 instead of 48 ms in bf16 and 44 instead of 69 ms in float32."""
+    if jax.default_backend() != "cpu":
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        return 1
+    for c in (8, 4, 2):
+        if c <= most and batch % c == 0 and (batch // c) % groups == 0:
+            return c
+    return 1
 
 
 _F32 = dict(preferred_element_type=jnp.float32)
