@@ -103,19 +103,24 @@ def _dot_operand_dtypes(hlo):
     return [(shapes.get(a), shapes.get(b), name) for a, b, name in dots]
 
 
+def _bf16_grad_hlo(design, depth, batch, scan):
+    """The compiled gradient of a small bf16 ViT (32 px, patch 4: 64 tokens) of the classic or 22B design."""
+    kw = dict(width=64, depth=depth, mlp_dim=128, num_heads=4, patch_size=4, scan=scan, dtype="bfloat16")
+    kw.update(dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", head="map")
+              if design == "parallel" else {})
+    model = models.build("vit", kw, num_classes=10)
+    x = jnp.zeros((batch, 32, 32, 3))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
+    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+    return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+
 @pytest.mark.parametrize("design", ["sequential", "parallel"])
 def test_bf16_train_step_keeps_block_matmuls_in_bf16(design):
     """XLA:CPU converts a bf16 dot's operands to f32 (halving its speed) when an operand arrives with a
     permuted layout; attention on [batch * heads, len, dim] and the custom VJPs avoid that. Every matmul of
     the transformer blocks, forward and backward, must keep bf16 operands."""
-    kw = dict(width=64, depth=2, mlp_dim=128, num_heads=4, patch_size=4, scan=False, dtype="bfloat16")
-    kw.update(dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", head="map")
-              if design == "parallel" else {})
-    model = models.build("vit", kw, num_classes=10)
-    x = jnp.zeros((4, 32, 32, 3))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
-    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    hlo = _bf16_grad_hlo(design, depth=2, batch=4, scan=False)
     block_dots = [d for d in _dot_operand_dtypes(hlo) if "block_" in d[2]]
     assert len(block_dots) >= 2 * 12  # 2 blocks x (4 forward + 8 backward) matmuls at least
     assert all(a == b == "bf16" for a, b, _ in block_dots), [d for d in block_dots if d[:2] != ("bf16", "bf16")]
@@ -142,14 +147,7 @@ def test_scanned_bf16_residuals_are_not_stacked_in_float32(design):
     """Under nn.scan, XLA:CPU converted every stacked bf16 residual buffer to float32 and back on each
     iteration (a 46% slower scanned ViT-B/16 bf16 step than unrolled); the custom VJPs store bf16 residuals
     as uint16 bits. No float32 stack of activations [depth, batch, tokens, ...] may appear in the program."""
-    kw = dict(width=64, depth=3, mlp_dim=128, num_heads=4, patch_size=4, scan=True, dtype="bfloat16")
-    kw.update(dict(block="parallel", qk_norm=True, qkv_bias=False, norm="rmsnorm", head="map")
-              if design == "parallel" else {})
-    model = models.build("vit", kw, num_classes=10)
-    x = jnp.zeros((5, 32, 32, 3))
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
-    loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    hlo = _bf16_grad_hlo(design, depth=3, batch=5, scan=True)
     # Stacked per-token arrays: [depth, batch, tokens (64, or 65 with a class token), ...]; float32 statistics of
     # the norms ([..., 1]) are expected.
     stacks = {m.group(1) for m in re.finditer(r"(f32|bf16|u16)\[3,5,6[45](,\d+)*\]", hlo)
