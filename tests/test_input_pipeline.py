@@ -79,14 +79,14 @@ def test_folder_of_real_jpeg_and_png_round_trips_and_trains(tmp_path):
     w = tmp_path / "run"
     r = run_main(f"{CONFIGS}/vit22b_digits.py:runlocal", w, "--config.input.data=arrayrecord",
                  f"--config.input.data_dir={out}", "--config.input.eval_split=train", "--config.input.image_size=24",
-                 "--config.total_steps=4", "--config.log_every=2", "--config.eval_every=4", "--config.schedule.warmup_steps=1",
+                 "--config.total_steps=4", "--config.log_every=1", "--config.eval_every=4", "--config.schedule.warmup_steps=1",
                  "--config.input.pp_train=decode(3)|flip_lr|value_range(-1, 1)", "--config.input.batch_size=8")
     # The digits config's eval chain makes 1-channel images: caught before compilation, naming the field.
     assert r.returncode != 0 and "config.input.pp_eval: 'decode(1)|resize(8)|value_range(-1, 1)' makes images " \
         "of shape (8, 8, 1), but the model takes (24, 24, 3)" in r.stderr, r.stderr[-3000:]
     r = run_main(f"{CONFIGS}/vit22b_digits.py:runlocal", w, "--config.input.data=arrayrecord",
                  f"--config.input.data_dir={out}", "--config.input.eval_split=train", "--config.input.image_size=24",
-                 "--config.total_steps=4", "--config.log_every=2", "--config.eval_every=4", "--config.schedule.warmup_steps=1",
+                 "--config.total_steps=4", "--config.log_every=1", "--config.eval_every=4", "--config.schedule.warmup_steps=1",
                  "--config.input.pp_train=decode(3)|flip_lr|value_range(-1, 1)", "--config.input.batch_size=8",
                  "--config.input.pp_eval=decode(3)|value_range(-1, 1)")
     assert r.returncode == 0, r.stderr[-3000:]
