@@ -129,6 +129,7 @@ def test_digits_training_learns(tmp_path):
 
 def test_the_step_without_norms_makes_the_same_update():
     c = config("vit22b_digits", "runlocal")
+    c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
     mesh = sharding.make_mesh("data:-1")
     model = train.build_model(c, 10)
     size = c.input.image_size

@@ -5,7 +5,7 @@ step faults every temporary page back in, 4 KiB at a time. SwinV2-T in float32 a
 faults, about a second of kernel time per 3 s step on 2 cores.
 
 glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) marks those mappings for transparent huge
-pages. Each fault then brings in 2 MiB: 3k faults per step, and the step is 5-12% faster (README,
+pages. Each fault then brings in 2 MiB: 3k faults per step, and the step is 3-12% faster (README,
 Performance). Tunables are read only when a process starts, so `python -m vit22b.main` and
 `python -m vit22b.bench` re-execute themselves once with it set.
 
