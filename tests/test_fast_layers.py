@@ -36,7 +36,7 @@ def assert_same_value_and_grads(ours, ref, args, atol):
         np.testing.assert_allclose(a, b, atol=atol * max(1.0, float(jnp.abs(b).max())))
 
 
-@pytest.mark.parametrize("chunks", [1, 3, None])  # None: cpu_batch_chunks, 2 slices here
+@pytest.mark.parametrize("chunks", [1, 3, None])  # None: cpu_batch_chunks, 1 slice for this small problem
 def test_attention_matches_autodiff_of_the_formula(chunks):
     q, k, v = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4)
     assert_same_value_and_grads(lambda q, k, v: layers.attend(q, k, v, jnp.float32, batch_chunks=chunks),
@@ -56,6 +56,10 @@ def test_batch_chunks_keep_whole_bias_groups():
     assert layers.cpu_batch_chunks(8) == 8 and layers.cpu_batch_chunks(6) == 2 and layers.cpu_batch_chunks(7) == 1
     assert layers.cpu_batch_chunks(512, groups=64) == 8 and layers.cpu_batch_chunks(128, groups=64) == 2
     assert layers.cpu_batch_chunks(6, groups=3) == 2 and layers.cpu_batch_chunks(3, groups=3) == 1
+    # Slices keep at least MIN_SLICE_SCORES score elements: ViT-B/16 at batch 8 takes 8, a tiny model none.
+    assert layers.cpu_batch_chunks(8, scores=8 * 12 * 197 * 197) == 8
+    assert layers.cpu_batch_chunks(8, scores=8 * 12 * 128 * 128) == 4
+    assert layers.cpu_batch_chunks(8, scores=8 * 4 * 65 * 65) == 1
     q = rand(6, 7, 3, 4)
     with pytest.raises(ValueError, match="batch_chunks=3 must split the batch of 6 into whole multiples of the "
                                          "bias's 3 groups"):

@@ -125,7 +125,8 @@ def attend(q, k, v, dtype, bias=None, scale=None, precision=None, batch_chunks=N
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
     groups = 1 if bias is None else bias.shape[0]
-    chunks = cpu_batch_chunks(q.shape[0], groups) if batch_chunks is None else batch_chunks
+    scores = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+    chunks = cpu_batch_chunks(q.shape[0], groups, scores) if batch_chunks is None else batch_chunks
     if q.shape[0] % chunks or (q.shape[0] // chunks) % groups:
         raise ValueError(f"attend: batch_chunks={chunks} must split the batch of {q.shape[0]} into whole "
                          f"multiples of the bias's {groups} groups")
@@ -140,10 +141,15 @@ def attend(q, k, v, dtype, bias=None, scale=None, precision=None, batch_chunks=N
     return jnp.concatenate([one(*t) for t in zip(*(jnp.split(a, chunks) for a in (q, k, v)))])
 
 
-def cpu_batch_chunks(batch, groups=1, most=8):
+MIN_SLICE_SCORES = 1 << 18  # score-matrix elements per slice (1 MiB in float32): below, slicing costs more than it saves
+
+
+def cpu_batch_chunks(batch, groups=1, scores=None, most=8):
     """How many independent slices of the batch `attend` computes on this backend: on the CPU, the largest of
-    8, 4, 2 that splits the batch into whole multiples of `groups`; elsewhere, and under a multi-device mesh
-    (where slicing a sharded batch would move data), 1.
+    8, 4, 2 that splits the batch into whole multiples of `groups` and leaves each slice at least
+    MIN_SLICE_SCORES of the `scores` score-matrix elements (small problems stay whole: every slice adds to
+    the compiled program); elsewhere, and under a multi-device mesh (where slicing a sharded batch would move
+    data), 1.
 
     Measured on 2 CPU cores: one batched matmul takes as long on one core as on two, and a whole batch's score
     matrices do not stay in cache. Slices run side by side, each in cache: ViT-B/16 attention forward + backward
@@ -155,7 +161,8 @@ def cpu_batch_chunks(batch, groups=1, most=8):
     if not mesh.empty and mesh.size > 1:
         return 1
     for c in (8, 4, 2):
-        if c <= most and batch % c == 0 and (batch // c) % groups == 0:
+        big_enough = scores is None or scores // c >= MIN_SLICE_SCORES
+        if c <= most and batch % c == 0 and (batch // c) % groups == 0 and big_enough:
             return c
     return 1
 
