@@ -53,13 +53,12 @@ def test_biased_attention_takes_bias_per_window_and_returns_its_gradient(chunks)
 
 
 def test_batch_chunks_keep_whole_bias_groups():
-    assert layers.cpu_batch_chunks(8) == 8 and layers.cpu_batch_chunks(6) == 2 and layers.cpu_batch_chunks(7) == 1
-    assert layers.cpu_batch_chunks(512, groups=64) == 8 and layers.cpu_batch_chunks(128, groups=64) == 2
-    assert layers.cpu_batch_chunks(6, groups=3) == 2 and layers.cpu_batch_chunks(3, groups=3) == 1
+    big = 1 << 30  # score elements: no size limit
+    c = layers.cpu_batch_chunks
+    assert c(8, 1, big) == 8 and c(6, 1, big) == 2 and c(7, 1, big) == 1
+    assert c(512, 64, big) == 8 and c(128, 64, big) == 2 and c(6, 3, big) == 2 and c(3, 3, big) == 1
     # Slices keep at least MIN_SLICE_SCORES score elements: ViT-B/16 at batch 8 takes 8, a tiny model none.
-    assert layers.cpu_batch_chunks(8, scores=8 * 12 * 197 * 197) == 8
-    assert layers.cpu_batch_chunks(8, scores=8 * 12 * 128 * 128) == 4
-    assert layers.cpu_batch_chunks(8, scores=8 * 4 * 65 * 65) == 1
+    assert c(8, 1, 8 * 12 * 197 * 197) == 8 and c(8, 1, 8 * 12 * 128 * 128) == 4 and c(8, 1, 8 * 4 * 65 * 65) == 1
     q = rand(6, 7, 3, 4)
     with pytest.raises(ValueError, match="batch_chunks=3 must split the batch of 6 into whole multiples of the "
                                          "bias's 3 groups"):
