@@ -115,38 +115,56 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-def attend(q, k, v, dtype, bias=None, scale=None, precision=None, batch_chunks=None):
-    """Softmax attention over [batch, length, heads, head_dim]: softmax(scale * q k^T + bias) v, the logits and
-    softmax in float32 and the four matmuls in `dtype` accumulated in float32. `scale` defaults to
-    1/sqrt(head_dim). `bias` [G, heads, q_len, k_len] is added to the logits of batch element i from bias[i % G]
-    (Swin: the shifted-window mask of window i % G plus the relative-position bias).
+def attend(q, k, v, dtype, scale=None, precision=None, batch_chunks=None):
+    """Softmax attention over [batch, length, heads, head_dim]: softmax(scale * q k^T) v, the logits and softmax
+    in float32 and the four matmuls in `dtype` accumulated in float32. `scale` defaults to 1/sqrt(head_dim).
 
     `batch_chunks` splits the batch into that many independent attentions (None: `cpu_batch_chunks`)."""
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     scale = float(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
-    groups = 1 if bias is None else bias.shape[0]
     scores = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
-    chunks = cpu_batch_chunks(q.shape[0], groups, scores) if batch_chunks is None else batch_chunks
-    if q.shape[0] % chunks or (q.shape[0] // chunks) % groups:
-        raise ValueError(f"attend: batch_chunks={chunks} must split the batch of {q.shape[0]} into whole "
+    return _in_slices(lambda q, k, v: _attention(q, k, v, scale, precision), 1, scores, batch_chunks, q, k, v)
+
+
+def cosine_attention(t, scale, bias, num_heads, precision=None, batch_chunks=None):
+    """Swin V2's scaled cosine attention, softmax(scale_h * cos(q_i, k_j) + bias) v, over the fused projection
+    t = [q | k | v] of shape [batch, length, 3C] (heads contiguous within each third), returning [batch, length,
+    C] in t's dtype. `scale` [heads] multiplies head h's cosines; `bias` [G, heads, length, length] is added to
+    the logits of batch element i from bias[i % G] (the relative-position bias plus the shift mask of window
+    i % G). Normalisation and softmax run in float32, the matmuls in t's dtype accumulated in float32.
+
+    One custom VJP covers the normalisation as well as the attention: autodiff of the float32 normalisation
+    kept float32 copies of q and k and concatenated float32 gradients before rounding them, about 15% of a
+    SwinV2-T bf16 step in non-matmul work here. `batch_chunks` as in `attend`."""
+    n, length, c3 = t.shape
+    if c3 % (3 * num_heads):
+        raise ValueError(f"cosine_attention: last axis {c3} is not 3 x heads ({num_heads}) x head_dim")
+    scores = n * num_heads * length * length
+
+    def one(t):
+        return _cosine_attention(t, scale.astype(jnp.float32), bias.astype(jnp.float32), num_heads, precision)
+
+    return _in_slices(one, bias.shape[0], scores, batch_chunks, t)
+
+
+def _in_slices(fn, groups, scores, batch_chunks, *arrays):
+    """fn over `batch_chunks` (None: `cpu_batch_chunks`) independent slices of the batch, concatenated."""
+    batch = arrays[0].shape[0]
+    chunks = cpu_batch_chunks(batch, groups, scores) if batch_chunks is None else batch_chunks
+    if batch % chunks or (batch // chunks) % groups:
+        raise ValueError(f"attention: batch_chunks={chunks} must split the batch of {batch} into whole "
                          f"multiples of the bias's {groups} groups")
-
-    def one(q, k, v):
-        if bias is None:
-            return _attention(q, k, v, scale, precision)
-        return _biased_attention(q, k, v, bias.astype(jnp.float32), scale, precision)
-
     if chunks == 1:
-        return one(q, k, v)
-    return jnp.concatenate([one(*t) for t in zip(*(jnp.split(a, chunks) for a in (q, k, v)))])
+        return fn(*arrays)
+    return jnp.concatenate([fn(*t) for t in zip(*(jnp.split(a, chunks) for a in arrays))])
 
 
 MIN_SLICE_SCORES = 1 << 18  # score-matrix elements per slice (1 MiB in float32): below, slicing costs more than it saves
 
 
 def cpu_batch_chunks(batch, groups, scores):
-    """How many independent slices of the batch `attend` computes on this backend: on the CPU, the largest of
-    8, 4, 2 that splits the batch into whole multiples of `groups` and leaves each slice at least
+    """How many independent slices of the batch the attention functions compute on this backend: on the CPU,
+    the largest of 8, 4, 2 that splits the batch into whole multiples of `groups` and leaves each slice at least
     MIN_SLICE_SCORES of the `scores` score-matrix elements (small problems stay whole: every slice adds to
     the compiled program); elsewhere, and under a multi-device mesh (where slicing a sharded batch would move
     data), 1.
@@ -195,22 +213,33 @@ def _add_logit_bias(logits, bias):
     return (logits.reshape(-1, g * h, *logits.shape[1:]) + bias.reshape(g * h, *bias.shape[2:])).reshape(logits.shape)
 
 
-def _attention_fwd(q, k, v, bias, scale, precision):
-    qs, ks, vs = _split_heads(q), _split_heads(k), _split_heads(v)
+def _sum_bias_groups(dlogits, bias_shape):
+    """The bias gradient: dlogits [b * h, q, k] summed over the batch elements that share each of the G groups,
+    as a halving tree of adds. XLA:CPU ran the same sum written as a reduction over the leading axis at about
+    1 GB/s (9 ms for one SwinV2-T stage-3 bias, 1.7 ms as adds)."""
+    r = dlogits.reshape(-1, *bias_shape)
+    while r.shape[0] > 1:
+        half = r.shape[0] // 2
+        s = r[:half] + r[half:2 * half]
+        r = s.at[0].add(r[2 * half]) if r.shape[0] % 2 else s
+    return r[0]
+
+
+def _core_fwd(qs, ks, vs, bias, scale, precision):
+    """Attention on head-split [b * h, len, d] operands in their dtype: (output, softmax weights), both in it."""
     logits = jnp.einsum("nqd,nkd->nqk", qs, ks, precision=precision, **_F32) * scale
     if bias is not None:
         logits = _add_logit_bias(logits, bias)
     e = jnp.exp(logits - logits.max(-1, keepdims=True))
-    weights = (e / e.sum(-1, keepdims=True)).astype(q.dtype)
-    out = jnp.einsum("nqk,nkd->nqd", weights, vs, precision=precision, **_F32).astype(q.dtype)
-    return _merge_heads(out, q.shape[0]), tuple(_pack(t) for t in (qs, ks, vs, weights))
+    weights = (e / e.sum(-1, keepdims=True)).astype(qs.dtype)
+    return jnp.einsum("nqk,nkd->nqd", weights, vs, precision=precision, **_F32).astype(qs.dtype), weights
 
 
-def _attention_bwd(scale, precision, res, g, bias_shape=None):
-    # Autodiff of the forward would differentiate the reshapes and transposes back into the permuted layouts.
-    qs, ks, vs, weights = (_unpack(t) for t in res)
-    b, dtype = g.shape[0], qs.dtype
-    gs = _split_heads(g.astype(dtype))
+def _core_bwd(qs, ks, vs, weights, gs, scale, precision, b):
+    """Float32 gradients of `_core_fwd` for q, k, v, and the logits' gradient (for a bias), given the head-split
+    output cotangent gs. Autodiff of the forward would differentiate the reshapes and transposes back into the
+    permuted layouts; here every matmul takes row-major operands."""
+    dtype = qs.dtype
     dweights = jnp.einsum("nqd,nkd->nqk", gs, vs, precision=precision, **_F32)
     w32 = weights.astype(jnp.float32)
     dlogits = w32 * (dweights - (dweights * w32).sum(-1, keepdims=True))
@@ -222,38 +251,87 @@ def _attention_bwd(scale, precision, res, g, bias_shape=None):
     else:  # ... but in bf16 only after converting to f32, so there the [q, k] matrices are transposed first
         dk = jnp.einsum("nkq,nqd->nkd", _transpose_qk(draw, b), qs, precision=precision, **_F32)
         dv = jnp.einsum("nkq,nqd->nkd", _transpose_qk(weights, b), gs, precision=precision, **_F32)
-    grads = tuple(_merge_heads(t.astype(dtype), b) for t in (dq, dk, dv))
-    if bias_shape is None:
-        return grads
-    gsize = bias_shape[0]
-    return grads + (dlogits.reshape(-1, gsize, *bias_shape[1:]).sum(0),)
+    return dq, dk, dv, dlogits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _attention(q, k, v, scale, precision):
-    return _attention_fwd(q, k, v, None, scale, precision)[0]
+    return _attention_fwd(q, k, v, scale, precision)[0]
 
 
-_attention.defvjp(lambda q, k, v, scale, precision: _attention_fwd(q, k, v, None, scale, precision),
-                  _attention_bwd)
+def _attention_fwd(q, k, v, scale, precision):
+    qs, ks, vs = _split_heads(q), _split_heads(k), _split_heads(v)
+    out, weights = _core_fwd(qs, ks, vs, None, scale, precision)
+    return _merge_heads(out, q.shape[0]), tuple(_pack(t) for t in (qs, ks, vs, weights))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _biased_attention(q, k, v, bias, scale, precision):
-    return _attention_fwd(q, k, v, bias, scale, precision)[0]
+def _attention_bwd(scale, precision, res, g):
+    qs, ks, vs, weights = (_unpack(t) for t in res)
+    b = g.shape[0]
+    dq, dk, dv, _ = _core_bwd(qs, ks, vs, weights, _split_heads(g.astype(qs.dtype)), scale, precision, b)
+    return tuple(_merge_heads(t.astype(qs.dtype), b) for t in (dq, dk, dv))
 
 
-def _biased_attention_fwd(q, k, v, bias, scale, precision):
-    out, res = _attention_fwd(q, k, v, bias, scale, precision)
-    return out, (res, jnp.zeros(bias.shape + (0,), bias.dtype))  # an empty array that carries the bias shape
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _biased_attention_bwd(scale, precision, res, g):
-    res, shape_carrier = res
-    return _attention_bwd(scale, precision, res, g, shape_carrier.shape[:-1])
+_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 
 
-_biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)
+def _unit_rows(x):
+    """Float32 x / max(|x|, eps) over the last axis, and |x|."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, -1, keepdims=True))
+    return x / jnp.maximum(norm, _NORM_EPS), norm
+
+
+def _unit_rows_bwd(u, norm, du):
+    """Gradient of x / max(|x|, eps) given u = that, |x| and the cotangent du (the eps branch is constant)."""
+    proj = jnp.where(norm > _NORM_EPS, jnp.sum(u * du, -1, keepdims=True), 0.0)
+    return (du - u * proj) / jnp.maximum(norm, _NORM_EPS)
+
+
+def _cosine_operands(t, scale, h):
+    """Head-split q, k, v [n * h, len, hd] in t's dtype (q, k as scaled and plain unit vectors), and the float32
+    unit vectors and norms of q and k."""
+    n, length, c3 = t.shape
+    hd = c3 // (3 * h)
+    q, k, v = (_split_heads(u.reshape(n, length, h, hd)) for u in jnp.split(t, 3, axis=-1))
+    uq, nq = _unit_rows(q)
+    uk, nk = _unit_rows(k)
+    per_head = lambda x, s: (x.reshape(n, h, length, hd) * s.reshape(1, h, 1, 1)).reshape(x.shape)
+    return (per_head(uq, scale).astype(t.dtype), uk.astype(t.dtype), v), (uq, nq, uk, nk), per_head
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _cosine_attention(t, scale, bias, h, precision):
+    return _cosine_attention_fwd(t, scale, bias, h, precision)[0]
+
+
+def _cosine_attention_fwd(t, scale, bias, h, precision):
+    (qs, ks, vs), _, _ = _cosine_operands(t, scale, h)
+    out, weights = _core_fwd(qs, ks, vs, bias, 1.0, precision)
+    n, length = t.shape[:2]
+    # Residuals: t itself (the unit vectors are recomputed in float32 from it) and the softmax weights.
+    return _merge_heads(out, n).reshape(n, length, -1), (_pack(t), scale, _pack(weights), jnp.zeros(bias.shape + (0,)))
+
+
+def _cosine_attention_bwd(h, precision, res, g):
+    t, scale, weights, bias_carrier = res
+    t, weights = _unpack(t), _unpack(weights)
+    n, length, c3 = t.shape
+    (qs, ks, vs), (uq, nq, uk, nk), per_head = _cosine_operands(t, scale, h)
+    gs = _split_heads(g.astype(t.dtype).reshape(n, length, h, c3 // (3 * h)))
+    dqs, dks, dv, dlogits = _core_bwd(qs, ks, vs, weights, gs, 1.0, precision, n)
+    # q_scaled = scale_h * uq: the scale's gradient sums dqs . uq over its head; uq's gradient is scale_h * dqs.
+    dscale = (dqs * uq).reshape(n, h, -1).sum((0, 2))
+    dq = _unit_rows_bwd(uq, nq, per_head(dqs, scale))
+    dk = _unit_rows_bwd(uk, nk, dks)
+    dt = jnp.concatenate([_merge_heads(d, n).reshape(n, length, -1) for d in (dq, dk, dv)], -1).astype(t.dtype)
+    return dt, dscale, _sum_bias_groups(dlogits, bias_carrier.shape[:-1])
+
+
+_cosine_attention.defvjp(_cosine_attention_fwd, _cosine_attention_bwd)
 
 
 class Dense(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.layers import Dense, Norm, add_bias, attend, gelu
+from vit22b.models.layers import Dense, Norm, add_bias, cosine_attention, gelu
 from vit22b.models.vit import REMAT_POLICIES
 
 Dtype = Any
@@ -106,10 +106,6 @@ def clamp_logit_scale(s):
     return jnp.where(s > LOGIT_SCALE_MAX, LOGIT_SCALE_MAX, s)
 
 
-def _l2_normalize(x):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class WindowAttention(nn.Module):
     """Scaled cosine attention with log-spaced continuous position bias, over [B, nW, N, C] windows."""
     dim: int
@@ -139,21 +135,16 @@ class WindowAttention(nn.Module):
         bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
         t = add_bias(qkv(x), bias_qkv)
         b, nw = t.shape[:2]
-        # Windows of all images form the batch: q, k, v [B * nW, N, nH, hd]. (Split on the last axis, whose
-        # gradient is one concatenation; indexing a middle axis would pad and add three times.)
-        q, k, v = (u.reshape(b * nw, n, h, c // h) for u in jnp.split(t, 3, axis=-1))
-        # Cosine similarity in float32, with the per-head logit scale folded into q.
-        q = _l2_normalize(q.astype(jnp.float32)) * scale.reshape(h, 1)
-        k = _l2_normalize(k.astype(jnp.float32))
+        t = t.reshape(b * nw, n, 3 * c)  # the windows of all images form the batch
         # Logit bias [G, nH, N, N] for window i % G: the relative-position bias, plus the shift mask per window.
         bias = rpb[None] if mask is None else rpb[None] + mask[:, None]
 
-        def core(q, k, v, bias):
-            return attend(q, k, v, self.dtype, bias=bias, scale=1.0, precision=jax.lax.Precision.HIGHEST)
+        def core(t, bias):
+            return cosine_attention(t, scale.reshape(h), bias, h, precision=jax.lax.Precision.HIGHEST)
 
         chunks = self.attn_chunks
         if chunks <= 1:
-            out = core(q, k, v, bias)
+            out = core(t, bias)
         else:
             if nw % chunks:
                 raise ValueError(f"model.attn_chunks: {chunks} does not divide the {nw} windows of a stage")
@@ -165,7 +156,7 @@ class WindowAttention(nn.Module):
 
             biases = (jnp.broadcast_to(bias, (chunks,) + bias.shape) if mask is None
                       else bias.reshape(chunks, nw // chunks, *bias.shape[1:]))
-            out = jax.lax.map(jax.checkpoint(lambda a: core(*a)), (split(q), split(k), split(v), biases))
+            out = jax.lax.map(jax.checkpoint(lambda a: core(*a)), (split(t), biases))
             out = jnp.moveaxis(out.reshape(chunks, b, nw // chunks, *out.shape[2:]), 0, 1)
         out = out.reshape(b, nw, n, c).astype(self.dtype)
         return linear(c, "proj", self.dtype, self.param_dtype, axes=("heads", "embed"))(out)
