@@ -327,7 +327,7 @@ def _cosine_attention_bwd(h, precision, res, g):
     dscale = (dqs * uq).reshape(n, h, -1).sum((0, 2))
     dq = _unit_rows_bwd(uq, nq, per_head(dqs, scale))
     dk = _unit_rows_bwd(uk, nk, dks)
-    dt = jnp.concatenate([_merge_heads(d, n).reshape(n, length, -1) for d in (dq, dk, dv)], -1).astype(t.dtype)
+    dt = jnp.concatenate([_merge_heads(d.astype(t.dtype), n).reshape(n, length, -1) for d in (dq, dk, dv)], -1)
     return dt, dscale, _sum_bias_groups(dlogits, bias_carrier.shape[:-1])
 
 

@@ -252,8 +252,10 @@ class PatchMerging(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+        b, h, w, c = x.shape
+        # [x0 | x1 | x2 | x3] = x[2i + r, 2j + s] for (r, s) = (0, 0), (1, 0), (0, 1), (1, 1): slot 2s + r. One
+        # transpose, whose gradient is one transpose; four strided slices differentiate into four padded copies.
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
         x = linear(2 * c, "reduction", self.dtype, self.param_dtype, use_bias=False)(x)
         return layer_norm("norm", self.dtype, self.param_dtype)(x)
 
