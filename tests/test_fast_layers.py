@@ -61,16 +61,17 @@ def test_cosine_attention_matches_autodiff_of_the_formula(chunks):
 
 
 def test_cosine_attention_in_bf16_follows_float32():
-    t, scale, bias = rand(6, 16, 3 * 2 * 8), jnp.asarray([2.0, 10.0]), rand(3, 2, 16, 16)
-    g = rand(6, 16, 16)
+    r = np.random.default_rng(1)
+    t, bias, g = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((6, 16, 48), (3, 2, 16, 16), (6, 16, 16)))
+    scale = jnp.asarray([2.0, 10.0])
     def value_and_grads(t, dtype):
         f = lambda t, s, b: jnp.sum(layers.cosine_attention(t.astype(dtype), s, b, 2).astype(jnp.float32) * g)
         return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(t, scale, bias)
     (v16, g16), (v32, g32) = value_and_grads(t, jnp.bfloat16), value_and_grads(t, jnp.float32)
     assert g16[0].dtype == jnp.float32 and g16[1].dtype == g16[2].dtype == jnp.float32
     np.testing.assert_allclose(v16, v32, rtol=2e-2)
-    for a, b in zip(g16, g32):  # bf16 operands: about 3 significant digits
-        np.testing.assert_allclose(a, b, atol=3e-2 * float(jnp.abs(b).max()))
+    for a, b in zip(g16, g32):  # bf16 q, k: logits off by up to scale * 2^-8, the scale's gradient by a few %
+        np.testing.assert_allclose(a, b, atol=5e-2 * float(jnp.abs(b).max()))
 
 
 @pytest.mark.parametrize("kind,flax_norm", [("layernorm", nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)),

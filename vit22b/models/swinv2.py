@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.layers import Dense, Norm, add_bias, cosine_attention, gelu
+from vit22b.models.layers import Dense, Norm, PatchEmbed, add_bias, cosine_attention, gelu
 from vit22b.models.vit import REMAT_POLICIES
 
 Dtype = Any
@@ -300,12 +300,12 @@ class SwinTransformerV2(nn.Module):
             raise ValueError(f"SwinTransformerV2 built for {self.img_size} px, got images {images.shape[1:3]}")
         p = self.patch_size
         fan_in = p * p * images.shape[-1]
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="patch_embed_proj", precision=jax.lax.Precision.HIGHEST,
-                    kernel_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in),
-                                   (None, None, None, "embed")),
-                    bias_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in), ("embed",)),
-                    )(images.astype(self.dtype))
+        x = PatchEmbed(self.embed_dim, p, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed_proj",
+                       precision=jax.lax.Precision.HIGHEST,
+                       kernel_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in),
+                                      (None, None, None, "embed")),
+                       bias_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in), ("embed",)),
+                       )(images.astype(self.dtype))
         x = layer_norm("patch_embed_norm", self.dtype, self.param_dtype)(x)
 
         total = sum(self.depths)

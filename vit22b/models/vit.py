@@ -17,7 +17,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vit22b import collective, sharding
-from vit22b.models.layers import Norm, NormParams, add_bias, attend, dense, gelu, normalize
+from vit22b.models.layers import Norm, NormParams, PatchEmbed, add_bias, attend, dense, gelu, normalize
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
 # 22B from arXiv 2302.05442 (mlp = 4 * width reproduces its 21.74B parameters).
@@ -282,10 +282,9 @@ class ViT(nn.Module):
     def __call__(self, images, *, train=False):
         del train  # no dropout or stochastic depth in the ViT-22B recipe
         p = self.patch_size
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="embedding",
-                    kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
-                    bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
+        x = PatchEmbed(self.width, p, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding",
+                       kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                       bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         if self.posemb == "learn":
