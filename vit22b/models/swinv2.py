@@ -300,8 +300,8 @@ class SwinTransformerV2(nn.Module):
             raise ValueError(f"SwinTransformerV2 built for {self.img_size} px, got images {images.shape[1:3]}")
         p = self.patch_size
         fan_in = p * p * images.shape[-1]
-        x = PatchEmbed(self.embed_dim, p, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed_proj",
-                       precision=jax.lax.Precision.HIGHEST,
+        x = PatchEmbed(self.embed_dim, patch=p, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="patch_embed_proj", precision=jax.lax.Precision.HIGHEST,
                        kernel_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in),
                                       (None, None, None, "embed")),
                        bias_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in), ("embed",)),

@@ -282,7 +282,7 @@ class ViT(nn.Module):
     def __call__(self, images, *, train=False):
         del train  # no dropout or stochastic depth in the ViT-22B recipe
         p = self.patch_size
-        x = PatchEmbed(self.width, p, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding",
+        x = PatchEmbed(self.width, patch=p, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding",
                        kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                        bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
         b, h, w, d = x.shape
