@@ -74,6 +74,18 @@ def test_cosine_attention_in_bf16_follows_float32():
         np.testing.assert_allclose(a, b, atol=5e-2 * float(jnp.abs(b).max()))
 
 
+def test_batch_chunks_keep_whole_bias_groups():
+    big = 1 << 30  # score elements: no size limit
+    c = layers.cpu_batch_chunks
+    assert c(8, 1, big) == 8 and c(6, 1, big) == 2 and c(7, 1, big) == 1
+    assert c(512, 64, big) == 8 and c(128, 64, big) == 2 and c(6, 3, big) == 2 and c(3, 3, big) == 1
+    # Slices keep at least MIN_SLICE_SCORES score elements: ViT-B/16 at batch 8 takes 8, a tiny model none.
+    assert c(8, 1, 8 * 12 * 197 * 197) == 8 and c(8, 1, 8 * 12 * 128 * 128) == 4 and c(8, 1, 8 * 4 * 65 * 65) == 1
+    with pytest.raises(ValueError, match="batch_chunks=3 must split the batch of 6 into whole multiples of the "
+                                         "bias's 3 groups"):
+        layers.cosine_attention(rand(6, 7, 36), jnp.ones(3), rand(3, 3, 7, 7), 3, batch_chunks=3)
+
+
 @pytest.mark.parametrize("kind,flax_norm", [("layernorm", nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)),
                                             ("rmsnorm", nn.RMSNorm(epsilon=1e-6))])
 def test_norm_matches_flax_with_the_same_parameters(kind, flax_norm):

@@ -111,7 +111,7 @@ def test_remat_and_sequential_attention_lower_compiled_peak_memory():
     base, remat, chunked = temp(), temp(remat_policy="full"), temp(attn_chunks=4)
     print(f"temp bytes: base {base / 2**20:.1f} MiB, remat {remat / 2**20:.1f} MiB, "
           f"sequential attention {chunked / 2**20:.1f} MiB")
-    assert remat < 0.9 * base
+    assert remat < 0.9 * base  # 125 -> 107 MiB: cosine attention already keeps fewer residuals (134 before it)
     assert chunked < 0.95 * base
 
 
