@@ -299,8 +299,13 @@ def _cosine_operands(t, scale, h):
     q, k, v = (_split_heads(u.reshape(n, length, h, hd)) for u in jnp.split(t, 3, axis=-1))
     uq, nq = _unit_rows(q)
     uk, nk = _unit_rows(k)
-    per_head = lambda x, s: (x.reshape(n, h, length, hd) * s.reshape(1, h, 1, 1)).reshape(x.shape)
-    return (per_head(uq, scale).astype(t.dtype), uk.astype(t.dtype), v), (uq, nq, uk, nk), per_head
+    return (_scale_heads(uq, scale).astype(t.dtype), uk.astype(t.dtype), v), (uq, nq, uk, nk)
+
+
+def _scale_heads(x, scale):
+    """Head-split x [n * h, len, d] times scale[h] of each row's head."""
+    h = scale.shape[0]
+    return (x.reshape(-1, h, *x.shape[1:]) * scale.reshape(1, h, 1, 1)).reshape(x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -309,7 +314,7 @@ def _cosine_attention(t, scale, bias, h, precision):
 
 
 def _cosine_attention_fwd(t, scale, bias, h, precision):
-    (qs, ks, vs), _, _ = _cosine_operands(t, scale, h)
+    (qs, ks, vs), _ = _cosine_operands(t, scale, h)
     out, weights = _core_fwd(qs, ks, vs, bias, 1.0, precision)
     n, length = t.shape[:2]
     # Residuals: t itself (the unit vectors are recomputed in float32 from it) and the softmax weights.
@@ -320,12 +325,12 @@ def _cosine_attention_bwd(h, precision, res, g):
     t, scale, weights, bias_carrier = res
     t, weights = _unpack(t), _unpack(weights)
     n, length, c3 = t.shape
-    (qs, ks, vs), (uq, nq, uk, nk), per_head = _cosine_operands(t, scale, h)
+    (qs, ks, vs), (uq, nq, uk, nk) = _cosine_operands(t, scale, h)
     gs = _split_heads(g.astype(t.dtype).reshape(n, length, h, c3 // (3 * h)))
     dqs, dks, dv, dlogits = _core_bwd(qs, ks, vs, weights, gs, 1.0, precision, n)
     # q_scaled = scale_h * uq: the scale's gradient sums dqs . uq over its head; uq's gradient is scale_h * dqs.
     dscale = (dqs * uq).reshape(n, h, -1).sum((0, 2))
-    dq = _unit_rows_bwd(uq, nq, per_head(dqs, scale))
+    dq = _unit_rows_bwd(uq, nq, _scale_heads(dqs, scale))
     dk = _unit_rows_bwd(uk, nk, dks)
     dt = jnp.concatenate([_merge_heads(d.astype(t.dtype), n).reshape(n, length, -1) for d in (dq, dk, dv)], -1)
     return dt, dscale, _sum_bias_groups(dlogits, bias_carrier.shape[:-1])
