@@ -104,13 +104,15 @@ def test_gelu_is_exact_gelu():
     assert layers.gelu(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
 
 
-def test_bias_gradient_is_summed_in_float32():
+@pytest.mark.parametrize("shape,bias_shape", [((8, 197, 64), (64,)), ((7, 9, 16), (9, 16))])
+def test_bias_gradient_is_summed_in_float32(shape, bias_shape):
     # 1576 bf16 rows per feature: a sum kept in bf16 (8 significant bits) is off by ~1 here; float32 is not.
-    g = rand(8, 197, 64, dtype=jnp.bfloat16)
-    _, vjp = jax.vjp(jax.jit(layers.add_bias), jnp.zeros((8, 197, 64), jnp.bfloat16), jnp.zeros(64, jnp.float32))
+    # 7 rows of a [9, 16] bias (a position embedding) take the tree of adds, odd row count included.
+    g = rand(*shape, dtype=jnp.bfloat16)
+    _, vjp = jax.vjp(jax.jit(layers.add_bias), jnp.zeros(shape, jnp.bfloat16), jnp.zeros(bias_shape, jnp.float32))
     dx, db = vjp(g)
     assert dx.dtype == jnp.bfloat16 and db.dtype == jnp.float32
-    exact = np.asarray(g, np.float64).sum((0, 1))
+    exact = np.asarray(g, np.float64).sum(tuple(range(len(shape) - len(bias_shape))))
     np.testing.assert_allclose(db, exact, atol=1e-3)
 
 
@@ -177,3 +179,22 @@ def test_scanned_bf16_residuals_are_not_stacked_in_float32(design):
     stacks = {m.group(1) for m in re.finditer(r"(f32|bf16|u16)\[3,5,6[45](,\d+)*\]", hlo)
               if not m.group(0).endswith(",1]")}
     assert "u16" in stacks and not stacks - {"u16"}, stacks
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_concatenate_and_split_equal_jnp(dtype):
+    a, b = rand(3, 5, dtype=dtype), rand(3, 2, dtype=dtype)
+    assert_same_value_and_grads(lambda a, b: layers.concatenate((a, b), -1) ** 2,
+                                lambda a, b: jnp.concatenate((a, b), -1) ** 2, (a, b), atol=1e-2)
+    assert layers.concatenate((a, b), -1).dtype == dtype
+    z = rand(4, 7, dtype=dtype)
+    assert_same_value_and_grads(lambda z: jnp.stack([t.sum(0) for t in layers.split(z, (2, 3), 0)]) ** 2,
+                                lambda z: jnp.stack([t.sum(0) for t in jnp.split(z, (2, 3), 0)]) ** 2, (z,), atol=1e-2)
+
+
+def test_bf16_parallel_block_concatenates_in_bf16():
+    """With excess precision allowed, XLA concatenated the block's bf16 [attention | MLP] activations and the
+    fused projection's gradient in float32 (twice the bytes); `concatenate` / `split` keep them 16-bit."""
+    hlo = _bf16_grad_hlo("parallel", depth=1, batch=2, scan=False)
+    wide = re.findall(r"(\w+)\[2,64,4,(?:48|80)\]\S* concatenate\(", hlo)
+    assert wide and set(wide) <= {"bf16", "u16"}, wide  # f32 before

@@ -70,6 +70,19 @@ def test_grad_clipping():
     np.testing.assert_allclose(optax.tree.norm(updates), 0.5, rtol=1e-5)  # lr * clipped norm 1
 
 
+@pytest.mark.parametrize("factor", [10.0, 0.01, 0.0])
+def test_clip_by_global_norm_follows_optax(factor):
+    """Same rule and state as optax.clip_by_global_norm, above, below and at a zero norm."""
+    grads = jax.tree.map(lambda p: factor * jnp.linspace(-1, 1, p.size).reshape(p.shape), PARAMS)
+    ours, ref = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    got, state = ours.update(grads, ours.init(PARAMS))
+    want, ref_state = ref.update(grads, ref.init(PARAMS))
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+    assert float(optax.tree.norm(got)) <= 1.0 + 1e-6
+
+
 def test_adafactor_bv_keeps_bf16_momentum_and_factors_big_matrices():
     params = {"w": jnp.ones((64, 48)), "b": jnp.ones(48)}
     tx, _ = optim.make_optimizer(_config(optimizer="adafactor_bv", optimizer_kw={}, wd=0.0), params)

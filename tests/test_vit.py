@@ -182,6 +182,28 @@ def test_heads(head, extra):
     np.testing.assert_allclose(apply({"params": params}, jnp.ones((3, 8, 8, 3))), 0.0, atol=1e-6)
 
 
+def test_map_attention_equals_flax_multihead_attention():
+    """The MAP head's attention keeps flax's parameter tree, initialisation and math; only the matmuls change."""
+    probe = jax.random.normal(jax.random.PRNGKey(0), (3, 1, 32))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 7, 32))
+    ours = vit.MAPAttention(num_heads=4)
+    ref = nn.MultiHeadDotProductAttention(num_heads=4, kernel_init=nn.initializers.xavier_uniform())
+    params = nn.meta.unbox(ours.init(jax.random.PRNGKey(2), probe, x))["params"]
+    ref_params = ref.init(jax.random.PRNGKey(2), probe, x)["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):  # same draws, same fan-in/out
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    params = perturb(params)
+    run = lambda m: lambda p, x: m.apply({"params": p}, probe, x)  # noqa: E731
+    np.testing.assert_allclose(run(ours)(params, x), run(ref)(params, x), rtol=1e-5, atol=1e-5)
+    loss = lambda m: lambda p, x: jnp.sum(jnp.sin(run(m)(p, x)))  # noqa: E731
+    got, want = jax.grad(loss(ours), (0, 1))(params, x), jax.grad(loss(ref), (0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="num_heads 5"):
+        vit.MAPAttention(num_heads=5).init(jax.random.PRNGKey(0), probe, x)
+
+
 def test_posemb_switch():
     assert init(tiny(posemb="learn"))["pos_embedding"].shape == (1, 16, 32)
     model = tiny(posemb="sincos2d")

@@ -114,6 +114,20 @@ def add_decayed_weights(wd, mults):
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def clip_by_global_norm(max_norm):
+    """optax.clip_by_global_norm's rule (gradients scaled to norm max_norm when their norm exceeds it; the same
+    empty state) as one scalar factor, min(1, max_norm / norm), that every tensor is multiplied by. optax
+    divides each tensor by a scalar and selects between that and the raw gradient: XLA materialises the
+    quotient (a divide is too costly to duplicate into the moment updates), and both moments then read the
+    gradient twice. Measured on the CPU for ViT-B/16-sized AdamW: 113 -> 77 ms per update."""
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config, params):
     """Returns (optax transformation, lr(step) function giving the absolute learning rate)."""
     sched = make_schedule(config.schedule, config.total_steps)
@@ -123,7 +137,7 @@ def make_optimizer(config, params):
 
     parts = []
     if config.get("grad_clip_norm"):
-        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+        parts.append(clip_by_global_norm(config.grad_clip_norm))
     parts.append(base_optimizer(config.optimizer, dict(config.get("optimizer_kw", {}))))
     if config.get("wd"):
         parts.append(add_decayed_weights(config.wd, wd_multipliers(params, config.wd_mults)))
