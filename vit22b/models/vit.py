@@ -249,7 +249,7 @@ class MAPAttention(nn.Module):
     """nn.MultiHeadDotProductAttention(num_heads, kernel_init=xavier_uniform) with the same parameters
     (query, key, value [d, heads, head_dim], out [heads, head_dim, d], zero-initialised biases) and math,
     through `dense` and `attend`. On the CPU in bf16 flax's projections ran at about 105 GFLOP/s against ~350:
-    4% of a ViT-22B-design B/16 step."""
+    the head took 105 ms of thread time per ViT-22B-design B/16 step, 61 ms this way."""
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
