@@ -1,12 +1,22 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+# One JAX compilation cache for the whole session, fresh each session (so no test meets a program compiled by an
+# earlier run): the xdist workers and every subprocess inherit it through the environment. Many tests compile the
+# same programs (each restart of a killed run, both processes of a multi-host run, the same tiny configs).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vit22b-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def config(name, arg="runlocal", **overrides):

@@ -105,14 +105,16 @@ def test_remat_and_sequential_attention_lower_compiled_peak_memory():
         c = config("swinv2_imagenet", "runlocal")
         c.input.image_size = 64
         # Many heads per stage: the attention matrices, which sequential attention splits, dominate the temporaries.
-        c.model.update(patch_size=2, window_size=8, embed_dim=16, depths=(2, 2, 6, 2), num_heads=(8, 8, 8, 8), **kw)
+        # Two stages (one patch merging): compile time grows with the number of stages, not with their depth.
+        c.model.update(patch_size=2, window_size=8, embed_dim=16, depths=(2, 6), num_heads=(8, 8),
+                       pretrained_window_sizes=(0, 0), **kw)
         return train_step_memory(c, batch_size=8)["temp"]
 
     base, remat, chunked = temp(), temp(remat_policy="full"), temp(attn_chunks=4)
     print(f"temp bytes: base {base / 2**20:.1f} MiB, remat {remat / 2**20:.1f} MiB, "
           f"sequential attention {chunked / 2**20:.1f} MiB")
-    assert remat < 0.9 * base  # 125 -> 107 MiB: cosine attention already keeps fewer residuals (134 before it)
-    assert chunked < 0.95 * base
+    assert remat < 0.8 * base  # 138 -> 93 MiB
+    assert chunked < 0.8 * base  # 138 -> 82 MiB
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -7,11 +7,29 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 
 def make_manager(workdir, keep):
+    if jax.process_count() == 1 and not _whole_shards_registered:
+        _save_replicated_shards_whole()
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def _save_replicated_shards_whole():
+    """Orbax's default splits every replicated shard among its replicas so that several hosts share its write
+    ("replica-parallel"). In one process all replicas are local, so the split only adds a compiled slice per
+    array and replica: the first save of 100 small arrays on 8 simulated devices took 20 s, 0.3 s without.
+    Multi-host runs keep orbax's default."""
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=array_metadata_store.Store(),
+                                             use_replica_parallel=False)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    global _whole_shards_registered
+    _whole_shards_registered = True
+
+
+_whole_shards_registered = False
 
 
 def save(manager, step, state, data_state):
