@@ -86,16 +86,38 @@ def test_batch_chunks_keep_whole_bias_groups():
         layers.cosine_attention(rand(6, 7, 36), jnp.ones(3), rand(3, 3, 7, 7), 3, batch_chunks=3)
 
 
+@pytest.mark.parametrize("width", [16, 160])
 @pytest.mark.parametrize("kind,flax_norm", [("layernorm", nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)),
                                             ("rmsnorm", nn.RMSNorm(epsilon=1e-6))])
-def test_norm_matches_flax_with_the_same_parameters(kind, flax_norm):
-    x = rand(3, 5, 16, scale=2.0) + 1.0
+def test_norm_matches_flax_with_the_same_parameters(kind, flax_norm, width):
+    x = rand(3, 5, width, scale=2.0) + 1.0
     ours = layers.Norm(kind)
     params = nn.meta.unbox(ours.init(jax.random.PRNGKey(0), x))
     assert jax.tree.structure(params) == jax.tree.structure(flax_norm.init(jax.random.PRNGKey(0), x))
     params = jax.tree.map(lambda p: p + rand(*p.shape, scale=0.3), params)  # non-trivial scale and bias
     assert_same_value_and_grads(lambda p, x: ours.apply(p, x), lambda p, x: flax_norm.apply(p, x),
                                 (params, x), atol=2e-6)
+
+
+@pytest.mark.parametrize("width", [1, 13, 64, 96, 128, 200])
+def test_row_sums_as_a_tree_of_adds_equal_the_sum(width):
+    # 16-bit data up to 128 features per row take the halving tree (odd widths fold the last column in).
+    x = rand(3, 5, width)
+    np.testing.assert_allclose(layers._row_sum(x, tree=True), x.sum(-1, keepdims=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers._row_sum(x, tree=False), x.sum(-1, keepdims=True), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_bf16_norm_follows_float32(kind):
+    x, g = rand(4, 7, 3, 13, scale=2.0) + 1.0, rand(4, 7, 3, 13)
+    p = {"scale": 1.0 + rand(13, scale=0.3), "bias": rand(13, scale=0.3)} if kind == "layernorm" else \
+        {"scale": 1.0 + rand(13, scale=0.3)}
+    def loss(x, p):
+        return jnp.sum(layers.normalize(x, p, kind, x.dtype).astype(jnp.float32) * g)
+    want = jax.grad(loss, (0, 1))(x, p)
+    got = jax.jit(jax.grad(loss, (0, 1)))(x.astype(jnp.bfloat16), p)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.05 * float(np.abs(b).max()))
 
 
 def test_gelu_is_exact_gelu():

@@ -267,12 +267,35 @@ def _sum_rows(x, shape):
     """x as [rows, *shape] summed over the rows by a halving tree of adds. XLA:CPU runs a reduction over a
     leading axis that keeps a large `shape` at about 1 GB/s: 9 ms for one SwinV2-T stage-3 attention-bias
     gradient (1.7 ms as adds), 6.7 ms for ViT-B/16's position-embedding gradient at batch 8 (0.07 ms)."""
-    r = x.reshape(-1, *shape)
-    while r.shape[0] > 1:
-        half = r.shape[0] // 2
-        s = r[:half] + r[half:2 * half]
-        r = s.at[0].add(r[2 * half]) if r.shape[0] % 2 else s
-    return r[0]
+    return _halving(jnp.add, x.reshape(-1, *shape), 0)[0]
+
+
+def _halving(op, x, axis):
+    """x reduced by `op` over `axis` (kept, of size 1) as a halving tree, which XLA fuses into one pass."""
+    while x.shape[axis] > 1:
+        n = x.shape[axis]
+        half = n // 2
+        s = op(jax.lax.slice_in_dim(x, 0, half, axis=axis), jax.lax.slice_in_dim(x, half, 2 * half, axis=axis))
+        if n % 2:
+            first = op(jax.lax.slice_in_dim(s, 0, 1, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis))
+            s = jnp.concatenate([first, jax.lax.slice_in_dim(s, 1, half, axis=axis)], axis)
+        x = s
+    return x
+
+
+_TREE_COLS = 128
+
+
+def _row_sum(x, tree):
+    """x summed over the last axis (kept). With `tree`, short rows (qk-norm's and Swin's head_dim, Swin's first
+    stage) as a halving tree of adds: XLA:CPU hands such a reduction to YNNPACK, and that fusion wrote its per-row result
+    out broadcast to x's full float32 shape. The ViT-22B design's qk-norms took about 12 ms of each bf16
+    block's forward and backward that way, 0-5 ms as adds. Callers ask for it for 16-bit data; for float32
+    data XLA's own reduction was as fast or faster (SwinV2-T float32 steps: 3-7% slower with trees; Swin's 64-key
+    softmax rows: no gain in either dtype)."""
+    if tree and x.shape[-1] <= _TREE_COLS:
+        return _halving(jnp.add, x, x.ndim - 1)
+    return x.sum(-1, keepdims=True)
 
 
 def _core_fwd(qs, ks, vs, bias, scale, precision):
@@ -330,14 +353,15 @@ _NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 
 def _unit_rows(x):
     """Float32 x / max(|x|, eps) over the last axis, and |x|."""
+    tree = x.dtype != jnp.float32  # see _row_sum
     x = x.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(x * x, -1, keepdims=True))
+    norm = jnp.sqrt(_row_sum(x * x, tree))
     return x / jnp.maximum(norm, _NORM_EPS), norm
 
 
-def _unit_rows_bwd(u, norm, du):
+def _unit_rows_bwd(u, norm, du, tree):
     """Gradient of x / max(|x|, eps) given u = that, |x| and the cotangent du (the eps branch is constant)."""
-    proj = jnp.where(norm > _NORM_EPS, jnp.sum(u * du, -1, keepdims=True), 0.0)
+    proj = jnp.where(norm > _NORM_EPS, _row_sum(u * du, tree), 0.0)
     return (du - u * proj) / jnp.maximum(norm, _NORM_EPS)
 
 
@@ -380,8 +404,9 @@ def _cosine_attention_bwd(h, precision, res, g):
     dqs, dks, dv, dlogits = _core_bwd(qs, ks, vs, weights, gs, 1.0, precision, n)
     # q_scaled = scale_h * uq: the scale's gradient sums dqs . uq over its head; uq's gradient is scale_h * dqs.
     dscale = (dqs * uq).reshape(n, h, -1).sum((0, 2))
-    dq = _unit_rows_bwd(uq, nq, _scale_heads(dqs, scale))
-    dk = _unit_rows_bwd(uk, nk, dks)
+    tree = t.dtype != jnp.float32
+    dq = _unit_rows_bwd(uq, nq, _scale_heads(dqs, scale), tree)
+    dk = _unit_rows_bwd(uk, nk, dks, tree)
     dt = jnp.concatenate([_merge_heads(d.astype(t.dtype), n).reshape(n, length, -1) for d in (dq, dk, dv)], -1)
     return dt, dscale, _sum_rows(dlogits, bias_carrier.shape[:-1])  # bias groups
 
@@ -489,9 +514,10 @@ def _norm_fwd(x, scale, bias, kind, eps, dtype):
     # computes it in a few fused passes; autodiff of the float32 arithmetic kept float32 copies and took about
     # twice as long on the CPU.
     x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True) if kind == "layernorm" else None
+    n, tree = x.shape[-1], x.dtype != jnp.float32  # see _row_sum
+    mean = _row_sum(x32, tree) / n if kind == "layernorm" else None
     xc = x32 - mean if mean is not None else x32
-    rstd = jax.lax.rsqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
+    rstd = jax.lax.rsqrt(_row_sum(jnp.square(xc), tree) / n + eps)
     y = xc * rstd * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
@@ -505,9 +531,10 @@ def _norm_bwd(kind, eps, dtype, res, g):
     xhat = (x32 - mean if mean is not None else x32) * rstd
     g32 = g.astype(jnp.float32)
     dy = g32 * scale.astype(jnp.float32)
-    dx = dy - xhat * (dy * xhat).mean(-1, keepdims=True)
+    n, tree = x.shape[-1], x.dtype != jnp.float32
+    dx = dy - xhat * (_row_sum(dy * xhat, tree) / n)
     if mean is not None:
-        dx = dx - dy.mean(-1, keepdims=True)
+        dx = dx - _row_sum(dy, tree) / n
     rows = tuple(range(x.ndim - 1))
     dscale = _sum_over_replicas((g32 * xhat).sum(rows), g, scale).astype(scale.dtype)
     dbias = None if bias is None else _sum_over_replicas(g32.sum(rows), g, bias).astype(bias.dtype)
