@@ -69,10 +69,10 @@ def decode_variant(variant):
     return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(m.group(2)))
 
 
-def make_norm(kind, dtype, param_dtype, name, axes=("embed",)):
+def make_norm(kind, dtype, param_dtype, name, axes=("embed",), tree=None):
     """'rmsnorm' is the ViT-22B scale-only norm (no centering, no bias); 'layernorm' is classic. Parameter
-    names (scale, bias) and initialisation are flax.linen's RMSNorm / LayerNorm."""
-    return Norm(kind, dtype=dtype, param_dtype=param_dtype, axes=axes, name=name)
+    names (scale, bias) and initialisation are flax.linen's RMSNorm / LayerNorm. `tree` as in `normalize`."""
+    return Norm(kind, dtype=dtype, param_dtype=param_dtype, axes=axes, name=name, tree=tree)
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0):
@@ -110,8 +110,8 @@ def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None):
     z = add_bias(z.reshape(z.shape[:-1] + (h, f)), bias)
     q, k, v, hidden = split(z, (dh, 2 * dh, 3 * dh), -1)
     if qk_norm:  # per head, after the projection, over head_dim; device-local
-        q = normalize(q, p["q_norm"], norm, dtype)
-        k = normalize(k, p["k_norm"], norm, dtype)
+        q = normalize(q, p["q_norm"], norm, dtype, tree=True)
+        k = normalize(k, p["k_norm"], norm, dtype, tree=True)
     u = concatenate((attend(q, k, v, dtype), gelu(hidden)), -1)
     u = u.reshape(u.shape[:-2] + (-1,))
     if ring:
@@ -202,8 +202,8 @@ class SequentialBlock(nn.Module):
                                            self.param_dtype))
         q, k, v = (t.reshape(t.shape[:-1] + (h, d // h)) for t in split(qkv, (d, 2 * d), -1))
         if self.qk_norm:
-            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",))(q)
-            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",))(k)
+            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",), tree=True)(q)
+            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",), tree=True)(k)
         a = attend(q, k, v, self.dtype).reshape(x.shape[:-1] + (d,))
         a = dense(a, self.param("attn_out_kernel", _p(xavier, ("heads", "embed")), (d, d), self.param_dtype),
                   self.dtype)
