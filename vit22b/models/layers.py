@@ -288,11 +288,11 @@ _TREE_COLS = 128
 
 def _row_sum(x, tree):
     """x summed over the last axis (kept). With `tree`, short rows (qk-norm's and Swin's head_dim, Swin's first
-    stage) as a halving tree of adds: XLA:CPU hands such a reduction to YNNPACK, and that fusion wrote its per-row result
-    out broadcast to x's full float32 shape. The ViT-22B design's qk-norms took about 12 ms of each bf16
-    block's forward and backward that way, 0-5 ms as adds. Callers ask for it for 16-bit data; for float32
-    data XLA's own reduction was as fast or faster (SwinV2-T float32 steps: 3-7% slower with trees; Swin's 64-key
-    softmax rows: no gain in either dtype)."""
+    stage) as a halving tree of adds: XLA:CPU hands such a reduction to YNNPACK, and that fusion wrote its
+    per-row result out broadcast to x's full float32 shape. The ViT-22B design's qk-norms took about 12 ms of
+    each bf16 block's forward and backward that way, 0-5 ms as adds. Callers ask for it for 16-bit data and
+    for the ViT qk-norms; for other float32 data XLA's own reduction was as fast or faster (SwinV2-T float32
+    steps: 3-7% slower with trees; Swin's 64-key softmax rows: no gain in either dtype)."""
     if tree and x.shape[-1] <= _TREE_COLS:
         return _halving(jnp.add, x, x.ndim - 1)
     return x.sum(-1, keepdims=True)
