@@ -86,3 +86,46 @@ def test_analytic_flops_match_published_figures():
     assert abs(bench.swin_forward_flops(train.build_model(swin, 1000), 256) / 2e9 - 5.9) < 0.1
     vit = config("vit_imagenet", arg="variant=B/16")
     assert abs(bench.analytic_forward_flops(vit, train.build_model(vit, 1000), 1000, 3) / 2e9 - 17.6) < 0.2
+
+
+def test_breakdown_counts_each_matmul_class_and_adds_up():
+    import jax
+    import jax.numpy as jnp
+
+    from vit22b import breakdown
+
+    def f(x, w, q):
+        y = jnp.tanh(x @ w)  # a dense layer's 2-D dot
+        z, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), y, None, length=3)  # three more, in a loop
+        return z.sum() + jnp.einsum("nqd,nkd->nqk", q, q).sum()  # attention's batched dot
+
+    args = (jnp.ones((256, 256)), jnp.full((256, 256), 0.01), jnp.ones((8, 64, 32)))
+    compiled = jax.jit(f).lower(*args).compile()
+    r = breakdown.breakdown(compiled, lambda: jax.block_until_ready(compiled(*args)))
+    assert r["matmul"]["gflop"] == round(4 * 2 * 256 ** 3 / 1e9, 4)
+    assert r["batched_matmul"]["gflop"] == round(2 * 8 * 64 * 64 * 32 / 1e9, 4)
+    assert r["matmul"]["ms"] > 0 and r["matmul"]["gflop_per_s"] > 0
+    parts = r["idle_ms"] + r["matmul"]["ms"] + r["batched_matmul"]["ms"] + r["other_ms"]
+    assert abs(parts - r["span_ms"]) <= 0.3 and r["span_ms"] > 0
+    assert r["top_other_ms"] and all(v >= 0 for v in r["top_other_ms"].values())
+    assert breakdown._short("jit(step_fn)/transpose(jvp(ViT))/block_05/concatenate") == "backward block_*/concatenate"
+
+
+def test_an_async_eigen_dot_runs_until_its_result_is_used():
+    from vit22b import breakdown
+    comps = breakdown.parse_hlo("""HloModule m
+
+ENTRY %main (a: f32[4,4]) -> f32[16] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %dot.1 = f32[4,4]{1,0} dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %exp.2 = f32[4,4]{1,0} exponential(%a)
+  %bitcast.3 = f32[16]{0} bitcast(%dot.1)
+  ROOT %negate.4 = f32[16]{0} negate(%bitcast.3)
+}
+""")
+    assert breakdown.matmul_flops(comps) == {"dot.1": (2 * 4 * 4 * 4, False)}
+    events = [(0, 10, "dot.1"), (20, 60, "exp.2"), (100, 110, "negate.4")]
+    extended = breakdown.extend_async_dots(events, comps, set())
+    assert extended == [(0, 100, "dot.1"), (20, 60, "exp.2"), (100, 110, "negate.4")]  # through the bitcast
+    wall, span = breakdown.attribute(extended, lambda n: n)
+    assert span == 110e-9 and abs(wall["dot.1"] - 80e-9) < 1e-15 and abs(wall["exp.2"] - 20e-9) < 1e-15

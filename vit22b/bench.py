@@ -3,6 +3,7 @@
   python -m vit22b.bench --config=configs/vit_imagenet.py:variant=B/16 --config.input.batch_size=8
   python -m vit22b.bench --config=configs/swinv2_imagenet.py:variant=T --config.input.batch_size=8 --vs=timm
   python -m vit22b.bench --config=... --forward            # the inference forward instead of the train step
+  python -m vit22b.bench --config=... --breakdown          # also: matmuls / batched matmuls / the rest (CPU)
 
 Times the real jitted, donated train step of the config (model, optimizer, dtypes, mesh; the variant the loop
 runs between log steps) on synthetic batches of the configured shapes, after warm-up, and prints one JSON line:
@@ -11,7 +12,9 @@ unrolled model, and an analytic count), achieved model GFLOP/s (3 x forward for 
 measured in the same process (a large f32 matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the
 config's dtype, peak memory from XLA's compiled memory analysis, and whether the host allocator uses huge pages
 (vit22b/hugepages.py). `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
-alternating with ours, and prints its line and the ratio.
+alternating with ours, and prints its line and the ratio. `--breakdown` adds where a traced step's time goes
+(the median of three; vit22b/breakdown.py): matmuls and batched matmuls (time, GFLOP, GFLOP/s), the rest, idle,
+and the costliest of the rest by op name.
 """
 import json
 import os
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from vit22b import breakdown as step_breakdown
 from vit22b import config_check, hugepages, planner, sharding, train
 
 FLAGS = flags.FLAGS
@@ -88,8 +92,9 @@ def xla_forward_flops(model, image_shape):
     return float(cost.get("flops", 0.0))
 
 
-def bench(config, steps=5, forward=False, warmup=2):
-    """One result dict for `config` (see the module docstring)."""
+def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
+    """One result dict for `config` (see the module docstring); with `breakdown`, also where a traced step's
+    time goes (vit22b/breakdown.py)."""
     config_check.validate(config)
     num_classes = 1000
     size = config.input.image_size
@@ -126,6 +131,15 @@ def bench(config, steps=5, forward=False, warmup=2):
                 jax.block_until_ready(metrics)
             if i >= warmup:
                 times.append(time.perf_counter() - t)
+        if breakdown:
+            def once():
+                nonlocal state
+                if forward:
+                    jax.block_until_ready(compiled(*args))
+                else:
+                    state, metrics = compiled(state, data)
+                    jax.block_until_ready(metrics)
+            parts = step_breakdown.breakdown(compiled, once)
     mem = compiled.memory_analysis()
     fwd_xla = xla_forward_flops(model, image_shape)
     fwd_analytic = analytic_forward_flops(config, model, num_classes, channels)
@@ -149,7 +163,7 @@ def bench(config, steps=5, forward=False, warmup=2):
         "mfu": round(achieved / ceiling, 3),
         "peak_memory_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
                                  - mem.alias_size_in_bytes),
-    }
+    } | ({"breakdown": parts} if breakdown else {})
 
 
 def _shape_name(model):
@@ -188,7 +202,9 @@ def run_timm(config, steps, forward):
 def main(argv):
     del argv
     config = FLAGS.config
-    ours = bench(config, FLAGS.steps, FLAGS.forward)
+    if FLAGS.breakdown and jax.default_backend() != "cpu":
+        raise app.UsageError(f"--breakdown reads XLA:CPU's events; on {jax.default_backend()} use XProf")
+    ours = bench(config, FLAGS.steps, FLAGS.forward, breakdown=FLAGS.breakdown)
     print(json.dumps(ours), flush=True)
     if FLAGS.vs == "timm":
         theirs = run_timm(config, FLAGS.steps, FLAGS.forward)
@@ -208,5 +224,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")
     flags.DEFINE_bool("forward", False, "Time the inference forward pass instead of the train step.")
     flags.DEFINE_enum("vs", "", ["", "timm"], "Also time the equivalent timm model (PyTorch, CPU).")
+    flags.DEFINE_bool("breakdown", False, "Also trace three more steps and split the median one's time among "
+                      "matmuls, batched matmuls and the rest (XLA:CPU only; vit22b/breakdown.py).")
     flags.mark_flags_as_required(["config"])
     app.run(main)
