@@ -109,6 +109,8 @@ def test_breakdown_counts_each_matmul_class_and_adds_up():
     assert abs(parts - r["span_ms"]) <= 0.3 and r["span_ms"] > 0
     assert r["top_other_ms"] and all(v >= 0 for v in r["top_other_ms"].values())
     assert breakdown._short("jit(step_fn)/transpose(jvp(ViT))/block_05/concatenate") == "backward block_*/concatenate"
+    assert breakdown._short("jit(step_fn)/add") == "update add"
+    assert breakdown._short("jit(apply)/block_05/add", differentiated=False) == "forward block_*/add"
 
 
 def test_an_async_eigen_dot_runs_until_its_result_is_used():

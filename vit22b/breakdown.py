@@ -94,9 +94,11 @@ def matmul_flops(comps):
     return out
 
 
-def _short(op_name):
-    """'backward block_*/concatenate' for 'jit(step_fn)/transpose(jvp(ViT))/block_05/concatenate'."""
-    phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name else "update"
+def _short(op_name, differentiated=True):
+    """'backward block_*/concatenate' for 'jit(step_fn)/transpose(jvp(ViT))/block_05/concatenate'. In a program
+    that differentiates, what is outside jvp() is the update; in one that does not, all of it is the forward."""
+    phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name or not differentiated
+             else "update")
     parts = [p for p in op_name.split("/") if p and "(" not in p]
     return f"{phase} " + re.sub(r"_\d+\b", "_*", "/".join(parts[-2:])) if parts else "unnamed"
 
@@ -191,10 +193,12 @@ def breakdown(compiled, run, top=8, traces=3):
         inner = comps.get(i["calls"], []) if i["calls"] else []
         return i["op_name"] or next((j["op_name"] for j in inner if j["op_name"]), "")
 
+    differentiated = any("jvp(" in i["op_name"] for i in executed.values())
+
     def classify(name):
         if name in flops:
             return "batched_matmul" if flops[name][1] else "matmul"
-        return "other:" + _short(op_name(executed[name]))
+        return "other:" + _short(op_name(executed[name]), differentiated)
 
     traced = [extend_async_dots(trace_events(run, set(executed)), comps, fused) for _ in range(traces)]
     events, (wall, span) = sorted(((e, attribute(e, classify)) for e in traced), key=lambda t: t[1][1])[traces // 2]
