@@ -176,12 +176,16 @@ def extend_async_dots(events, comps, fused):
     return sorted(out)
 
 
-def breakdown(compiled, run, top=8, traces=3):
-    """Where `run()` (one execution of `compiled`) spends its time on XLA:CPU (see the module docstring), from
-    the trace with the median span of `traces` traced runs: on a noisy machine one run can be much slower."""
+def require_cpu():
     if jax.default_backend() != "cpu":
         raise ValueError(f"--breakdown reads XLA:CPU's thunk events; on {jax.default_backend()} use XProf "
                          "(jax.profiler.start_trace) instead")
+
+
+def breakdown(compiled, run, top=8, traces=3):
+    """Where `run()` (one execution of `compiled`) spends its time on XLA:CPU (see the module docstring), from
+    the trace with the median span of `traces` traced runs: on a noisy machine one run can be much slower."""
+    require_cpu()
     comps = parse_hlo(compiled.as_text())
     fused = {i["calls"] for body in comps.values() for i in body if i["opcode"] == "fusion" and i["calls"]}
     # A while loop's (or call's) own event spans its body's events: only the leaves count.
