@@ -177,6 +177,9 @@ def test_bf16_train_step_keeps_block_matmuls_in_bf16(design):
         # fused projection's gradient in float32 (twice the bytes); layers.concatenate / split keep them 16-bit.
         wide = re.findall(r"(\w+)\[4,64,4,(?:48|80)\]\S* concatenate\(", hlo)
         assert wide and set(wide) <= {"bf16", "u16"}, wide  # f32 before
+        # Without a q/k/v bias only the MLP units get one: the bias and its gradient's sum cover [4 heads, 32
+        # units], not the fused [4, 80] columns with the q/k/v zeros (an f32[4,80] reduce before).
+        assert re.search(r"f32\[4,32\]\S* reduce\(", hlo) and not re.search(r"\w+\[4,80\]", hlo)
 
 
 def test_scanned_program_does_not_grow_with_depth():

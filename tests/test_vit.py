@@ -88,9 +88,10 @@ def _gelu(x):
     return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
-def test_parallel_block_equals_written_formula():
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_parallel_block_equals_written_formula(qkv_bias):
     d, m, h = 32, 48, 4
-    block = vit.ParallelBlock(num_heads=h, mlp_dim=m)
+    block = vit.ParallelBlock(num_heads=h, mlp_dim=m, qkv_bias=qkv_bias)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, d))
     params = perturb(nn.meta.unbox(block.init(jax.random.PRNGKey(1), x)["params"]))
     out, _ = block.apply({"params": params}, x)
@@ -100,13 +101,15 @@ def test_parallel_block_equals_written_formula():
     y = _rms(xn, p["norm"]["scale"])                       # y' = N(x), one shared norm
     z = y @ p["in_kernel"]                                 # one fused matmul, head-major:
     z = z.reshape(2, 5, h, 3 * (d // h) + m // h)          # head j's columns are [q_j | k_j | v_j | mlp_j]
+    if qkv_bias:
+        z[..., :3 * (d // h)] += p["qkv_bias"].reshape(h, 3 * (d // h))
     q, k, v = (z[..., i * (d // h):(i + 1) * (d // h)] for i in range(3))
     q, k = _rms(q, p["q_norm"]["scale"]), _rms(k, p["k_norm"]["scale"])  # per head, over head_dim
     logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // h)
     w = np.exp(logits - logits.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
     attn = np.einsum("bhqk,bkhd->bqhd", w, v)
-    hidden = _gelu(z[..., 3 * (d // h):] + p["mlp_bias"].reshape(h, m // h))  # bias only on the MLP columns
+    hidden = _gelu(z[..., 3 * (d // h):] + p["mlp_bias"].reshape(h, m // h))
     expected = xn + np.concatenate([attn, hidden], -1).reshape(2, 5, d + m) @ p["out_kernel"] + p["out_bias"]
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
 

@@ -106,9 +106,13 @@ def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None):
                                         dtype=dtype).astype(dtype)
     else:
         z = dense(y, p["in_kernel"], dtype)
-    bias = jnp.concatenate([p["qkv_bias"].reshape(h, 3 * dh), p["mlp_bias"].reshape(h, f - 3 * dh)], axis=-1)
-    z = add_bias(z.reshape(z.shape[:-1] + (h, f)), bias)
+    z = z.reshape(z.shape[:-1] + (h, f))
+    mlp_bias = p["mlp_bias"].reshape(h, f - 3 * dh)
+    if "qkv_bias" in p:  # one add over the fused [q | k | v | mlp] columns
+        z = add_bias(z, jnp.concatenate([p["qkv_bias"].reshape(h, 3 * dh), mlp_bias], axis=-1))
     q, k, v, hidden = split(z, (dh, 2 * dh, 3 * dh), -1)
+    if "qkv_bias" not in p:  # only the MLP units have a bias, and only its gradient is summed
+        hidden = add_bias(hidden, mlp_bias)
     if qk_norm:  # per head, after the projection, over head_dim; device-local
         q = normalize(q, p["q_norm"], norm, dtype, tree=True)
         k = normalize(k, p["k_norm"], norm, dtype, tree=True)
@@ -150,8 +154,8 @@ class ParallelBlock(nn.Module):
              "out_kernel": self.param("out_kernel", _p(xavier, ("fused", "embed")), (d + m, d), self.param_dtype),
              "out_bias": self.param("out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,),
                                     self.param_dtype)}
-        p["qkv_bias"] = (self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,), self.param_dtype)
-                         if self.qkv_bias else jnp.zeros((3 * d,), self.param_dtype))
+        if self.qkv_bias:
+            p["qkv_bias"] = self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,), self.param_dtype)
         if self.qk_norm:
             p["q_norm"] = NormParams(self.norm, ("kv",), self.param_dtype, name="q_norm")(d // h)
             p["k_norm"] = NormParams(self.norm, ("kv",), self.param_dtype, name="k_norm")(d // h)
@@ -170,7 +174,9 @@ def _collective_block(apply, x, p, mesh, axis, bidirectional):
     heads and the fused dimension over `axis`; per-head and replicated parameters whole."""
     act = sharding.fit_spec(P(nn.logical_to_mesh_axes(("batch",))[0], None, axis), x.shape, mesh)
     specs = {"norm": {n: P(axis) for n in p["norm"]}, "in_kernel": P(None, axis), "mlp_bias": P(axis),
-             "out_kernel": P(axis, None), "out_bias": P(axis), "qkv_bias": P(axis)}
+             "out_kernel": P(axis, None), "out_bias": P(axis)}
+    if "qkv_bias" in p:
+        specs["qkv_bias"] = P(axis)
     for n in ("q_norm", "k_norm"):
         if n in p:
             specs[n] = {key: P() for key in p[n]}
