@@ -33,7 +33,7 @@ from vit22b import config_check, hugepages, planner, sharding, train
 FLAGS = flags.FLAGS
 
 
-def matmul_ceiling(dtype, n=None, reps=5):
+def matmul_ceiling(dtype, n=None, reps=3):
     """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32 (the fast bf16 path on this CPU).
     n defaults to 2048 on a CPU and 8192 on an accelerator, where a smaller product would not fill the chip."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
@@ -48,12 +48,12 @@ def matmul_ceiling(dtype, n=None, reps=5):
     return 2 * n ** 3 / min(times) / 1e9
 
 
-def measure_ceilings(reps=3):
+def measure_ceilings():
     """Both ceilings now. The bench measures them before the timed steps and after each of them and keeps the
     best of each: on a shared machine, measurements that fell in slow moments lowered the bf16 ceiling from ~390
     to 302 GFLOP/s (one before the steps) and to 332 (both before and after them), which put MFU at 1.02 and
     0.93."""
-    return {"float32": matmul_ceiling(jnp.float32, reps=reps), "bfloat16": matmul_ceiling(jnp.bfloat16, reps=reps)}
+    return {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
 
 
 def swin_forward_flops(m, image_size, channels=3):
