@@ -88,6 +88,31 @@ def test_analytic_flops_match_published_figures():
     assert abs(bench.analytic_forward_flops(vit, train.build_model(vit, 1000), 1000, 3) / 2e9 - 17.6) < 0.2
 
 
+def test_analytic_flops_count_the_map_head_as_xla_does():
+    # The MAP head's probe attends over every token: its key and value projections are 4 n d^2 FLOPs. What the
+    # head adds to the analytic count over global average pooling matches XLA's count of the head module (which
+    # also counts its biases, norm, softmax and GELU: 0.2% here).
+    import jax
+    import jax.numpy as jnp
+
+    from conftest import config
+    from vit22b import bench, train
+    from vit22b.models import vit
+    n, d, m, h = 64, 256, 1024, 4
+    counts = []
+    for head in ("gap", "map"):
+        c = config("vit_imagenet", arg="variant=B/16")
+        c.model.update(width=d, depth=1, mlp_dim=m, num_heads=h, patch_size=8, head=head)
+        c.input.image_size = 64  # 8 x 8 = n tokens
+        counts.append(bench.analytic_forward_flops(c, train.build_model(c, 10), 10, 3))
+    added = counts[1] - counts[0]
+    assert added == 4 * d * d + 4 * n * d * d + 4 * n * d + 4 * d * m
+    head, x = vit.MAPHead(h, m, "rmsnorm"), jnp.zeros((1, n, d))
+    params = head.init(jax.random.PRNGKey(0), x)
+    xla = jax.jit(head.apply).lower(params, x).cost_analysis()["flops"]
+    assert abs(xla / added - 1) < 0.01, (xla, added)
+
+
 def test_breakdown_counts_each_matmul_class_and_adds_up():
     import jax
     import jax.numpy as jnp
