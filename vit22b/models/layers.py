@@ -32,8 +32,34 @@ def _unpack(r):
 def dense(x, kernel, dtype, precision=None):
     """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU)."""
     if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype), precision=precision)
+        return _f32_dense(x.astype(dtype), kernel.astype(dtype), precision)
     return _low_precision_dense(x.astype(dtype), kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _f32_dense(x, kernel, precision):
+    return jnp.einsum("...d,df->...f", x, kernel, precision=precision)
+
+
+def _f32_dense_fwd(x, kernel, precision):
+    return _f32_dense(x, kernel, precision), (x, kernel)
+
+
+def _f32_dense_bwd(precision, res, g):
+    # For the kernel gradient, a contraction over the tokens of x [tokens, d] and g [tokens, f], XLA:CPU copies
+    # its first operand into a transposed [features, tokens] layout. Autodiff puts g first, which for a widening
+    # layer is the wide one (the ViT-22B block's fused [768, 5376] projection: 8.4M elements per block and step
+    # where x has 1.2M). The narrower of the two goes first here.
+    x, kernel = res
+    dx = jnp.einsum("...f,df->...d", g, kernel, precision=precision)
+    if kernel.shape[1] >= kernel.shape[0]:
+        dw = jnp.einsum("...d,...f->df", x, g, precision=precision)
+    else:
+        dw = jnp.einsum("...f,...d->fd", g, x, precision=precision).T
+    return dx, _sum_over_replicas(dw, g, kernel)
+
+
+_f32_dense.defvjp(_f32_dense_fwd, _f32_dense_bwd)
 
 
 @jax.custom_vjp
