@@ -288,10 +288,10 @@ def test_bf16_dense_backward_stays_on_bf16_dots():
 
 @pytest.mark.parametrize("features", [(16, 48), (48, 16)])
 def test_float32_dense_gradient_transposes_the_narrower_operand(features):
-    # XLA:CPU copies the first operand of the kernel gradient's contraction over tokens into a transposed
-    # [features, tokens] layout; dense's backward puts the narrower of x and the cotangent first (autodiff put
-    # the cotangent first: in the ViT-22B block's [768, 5376] projection that copied 8.4M elements instead of
-    # 1.2M). Values equal autodiff of the plain einsum.
+    # XLA:CPU copies one operand of the kernel gradient's contraction over tokens into a transposed [features,
+    # tokens] layout: the first, as dense's backward writes it, which puts the narrower of x and the cotangent
+    # first (in the train step, autodiff's formulation copied the cotangent: 8.4M elements instead of 1.2M in the
+    # ViT-22B block's [768, 5376] projection). Values equal autodiff of the plain einsum.
     from vit22b import breakdown
     d, f = features
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, d))

@@ -46,10 +46,10 @@ def _f32_dense_fwd(x, kernel, precision):
 
 
 def _f32_dense_bwd(precision, res, g):
-    # For the kernel gradient, a contraction over the tokens of x [tokens, d] and g [tokens, f], XLA:CPU copies
-    # its first operand into a transposed [features, tokens] layout. Autodiff puts g first, which for a widening
-    # layer is the wide one (the ViT-22B block's fused [768, 5376] projection: 8.4M elements per block and step
-    # where x has 1.2M). The narrower of the two goes first here.
+    # The kernel gradient contracts the tokens of x [tokens, d] and of g [tokens, f], and XLA:CPU copies one of
+    # them into a transposed [features, tokens] layout: g in autodiff's formulation, which for a widening layer
+    # is the wide one (the ViT-22B block's fused [768, 5376] projection: 8.4M elements per block and step where
+    # x has 1.2M), and the first operand in the einsums below. The narrower of the two goes first.
     x, kernel = res
     dx = jnp.einsum("...f,df->...d", g, kernel, precision=precision)
     if kernel.shape[1] >= kernel.shape[0]:
