@@ -309,4 +309,4 @@ def test_float32_dense_gradient_transposes_the_narrower_operand(features):
     copies = [i["dims"] for body in comps.values() for i in body
               if i["opcode"] == "transpose" or (i["opcode"] == "fusion" and any(
                   j["opcode"] == "transpose" for j in comps.get(i["calls"], [])))]
-    assert copies and all(c[0] == min(d, f) for c in copies), copies
+    assert copies and all(shape[0] == min(d, f) for shape in copies), copies

@@ -29,7 +29,7 @@ def _count(tree):
 def vit_forward_flops(kw, image_size, channels=3):
     """Multiply-adds x 2 of one forward pass per image: patch embedding, blocks (matmuls and attention), head.
     The MAP head's probe attends over all n tokens, so its key and value projections (4 n d^2) count too: 1.4% of
-    ViT-B/16, 0.3% of ViT-22B, whose published 33.6 TFLOP per trained image covers the blocks."""
+    a B/16 with this head, 0.3% of ViT-22B, whose published 33.6 TFLOP per trained image covers the blocks."""
     d, depth, m, p = kw["width"], kw["depth"], kw["mlp_dim"], kw["patch_size"]
     n = (image_size // p) ** 2 + (1 if kw.get("head") == "token" else 0)
     embed = 2 * n * p * p * channels * d
