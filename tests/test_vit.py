@@ -310,3 +310,19 @@ def test_float32_dense_gradient_transposes_the_narrower_operand(features):
               if i["opcode"] == "transpose" or (i["opcode"] == "fusion" and any(
                   j["opcode"] == "transpose" for j in comps.get(i["calls"], [])))]
     assert copies and all(shape[0] == min(d, f) for shape in copies), copies
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_gradient_inside_shard_map_sums_over_the_batch_devices(dtype):
+    # Inside jax.shard_map the kernel is replicated over the batch axis that x varies on; a custom VJP must sum
+    # the kernel gradient over it itself (without, JAX rejects the bwd rule's output type).
+    from jax.sharding import PartitionSpec as P
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    w = jax.random.normal(jax.random.PRNGKey(1), (8, 5))
+
+    def grad_w(x, w):
+        return jax.grad(lambda w: jnp.sum(jnp.sin(layers.dense(x, w, dtype).astype(jnp.float32))))(w)
+
+    inside = jax.jit(jax.shard_map(grad_w, mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))(x, w)
+    np.testing.assert_allclose(inside, grad_w(x, w), rtol=1e-6)

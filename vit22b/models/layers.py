@@ -82,7 +82,7 @@ def _low_precision_dense_bwd(res, g):
     g = g.astype(x.dtype)
     dx = jnp.einsum("...f,df->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
     dw = jnp.einsum("...d,...f->df", x, g, preferred_element_type=jnp.float32).astype(kernel_dtype.dtype)
-    return dx, dw
+    return dx, _sum_over_replicas(dw, g, w)
 
 
 _low_precision_dense.defvjp(_low_precision_dense_fwd, _low_precision_dense_bwd)
