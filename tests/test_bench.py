@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import CONFIGS, REPO
-from vit22b import hugepages
+from vit22b import host_cpu, hugepages
 
 
 def _json_lines(cmd):
@@ -33,6 +33,8 @@ def test_bench_prints_a_sane_json_line():
     assert c["float32"] > 1 and c["bfloat16"] > 1
     assert abs(row["mfu"] - row["achieved_gflop_per_s"] / c["float32"]) < 0.002 and 0 < row["mfu"] < 1.5
     assert row["peak_memory_bytes"] > 0
+    # Which CPU measured it, and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
+    assert row["host_cpu"] == host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode("cpu")} and row["host_cpu"]["model"]
     # The command re-executed itself with huge pages for the allocator, where this machine supports them.
     assert row["host_memory"] == {"malloc_hugetlb": hugepages_supported(), "thp": hugepages.thp_mode()}
 
@@ -44,7 +46,7 @@ def hugepages_supported():
 # Allocates and touches 256 MiB through malloc after the entry points' re-exec, and prints the page faults.
 FAULTS = """
 import ctypes, resource, sys
-from vit22b import hugepages
+from vit22b import host_cpu, hugepages
 hugepages.reexec_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -75,7 +77,7 @@ def test_timm_side_prints_a_sane_json_line():
     (row,) = _json_lines([sys.executable, "-m", "vit22b.bench_timm", "--model=vit_tiny_patch16_224",
                           "--image_size=32", "--batch=2", "--steps=2"])
     assert row["framework"] == "timm" and row["model"] == "vit_tiny_patch16_224" and row["batch"] == 2
-    assert row["img_per_s"] > 0 and row["step_s"]["steps"] == 2
+    assert row["img_per_s"] > 0 and row["step_s"]["steps"] == 2 and row["host_cpu"] == host_cpu.info()["model"]
 
 
 def test_analytic_flops_match_published_figures():

@@ -10,8 +10,8 @@ runs between log steps) on synthetic batches of the configured shapes, after war
 compile_s, step_s (median and min over --steps), img_per_s, forward GFLOP per image (XLA's cost analysis of the
 unrolled model, and an analytic count), achieved model GFLOP/s (3 x forward for training), the matmul ceilings
 measured in the same process (a large f32 matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the
-config's dtype, peak memory from XLA's compiled memory analysis, and whether the host allocator uses huge pages
-(vit22b/hugepages.py). `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
+config's dtype, peak memory from XLA's compiled memory analysis, whether the host allocator uses huge pages
+(vit22b/hugepages.py), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py). `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
 alternating with ours, and prints its line and the ratio. `--breakdown` adds where a traced step's time goes
 (the median of three; vit22b/breakdown.py): matmuls and batched matmuls (time, GFLOP, GFLOP/s), the rest, idle,
 and the costliest of the rest by op name.
@@ -28,17 +28,23 @@ import numpy as np
 from absl import app, flags
 
 from vit22b import breakdown as step_breakdown
-from vit22b import config_check, hugepages, planner, sharding, train
+from vit22b import config_check, host_cpu, hugepages, planner, sharding, train
+from vit22b.models import layers
 
 FLAGS = flags.FLAGS
 
 
 def matmul_ceiling(dtype, n=None, reps=3):
-    """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32 (the fast bf16 path on this CPU).
-    n defaults to 2048 on a CPU and 8192 on an accelerator, where a smaller product would not fill the chip."""
+    """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32, computed as the models' dense layers
+    compute it (for bf16 on a CPU without bf16 instructions: as float32, vit22b/host_cpu.py). n defaults to 2048
+    on a CPU and 8192 on an accelerator, where a smaller product would not fill the chip."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    if jnp.dtype(dtype) == jnp.float32:
+        f = jax.jit(lambda x, y: jnp.dot(x, y))
+    else:
+        upcast = host_cpu.bf16_dots_mode(jax.default_backend()) == "float32"
+        f = jax.jit(lambda x, y: layers.low_precision_einsum("ij,jk->ik", x, y, upcast))
     f(a, a).block_until_ready()
     times = []
     for _ in range(reps):
@@ -153,6 +159,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
         "variant": config.model.get("variant") or _shape_name(model), "mode": "forward" if forward else "train",
         "batch": batch, "image_size": size, "dtype": dtype, "param_dtype": str(config.model.get("param_dtype", "float32")),
         "devices": jax.device_count(), "threads": os.cpu_count(), "host_memory": hugepages.status(),
+        "host_cpu": host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode(jax.default_backend())},
         "compile_s": round(compile_s, 2),
         "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4), "steps": len(times)},
         "img_per_s": round(img_per_s, 3),

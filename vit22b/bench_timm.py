@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-from vit22b import hugepages
+from vit22b import host_cpu, hugepages
 
 
 def main(argv=None):
@@ -54,7 +54,7 @@ def main(argv=None):
     step_s = float(np.median(times))
     print(json.dumps({"framework": "timm", "model": a.model, "mode": "forward" if a.forward else "train",
                       "batch": a.batch, "image_size": a.image_size, "dtype": a.dtype, "threads": torch.get_num_threads(),
-                      "host_memory": hugepages.status(),
+                      "host_memory": hugepages.status(), "host_cpu": host_cpu.info()["model"],
                       "torch": torch.__version__, "timm": timm.__version__,
                       "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4),
                                  "steps": len(times)},

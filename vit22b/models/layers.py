@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit22b import host_cpu
+
 Dtype = Any
 
 
@@ -30,10 +32,34 @@ def _unpack(r):
 
 
 def dense(x, kernel, dtype, precision=None):
-    """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU)."""
+    """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU). On a CPU
+    without bf16 matmul instructions, bf16 operands are multiplied as float32 (vit22b/host_cpu.py)."""
     if jnp.dtype(dtype) == jnp.float32:
         return _f32_dense(x.astype(dtype), kernel.astype(dtype), precision)
-    return _low_precision_dense(x.astype(dtype), kernel)
+    return _low_precision_dense(x.astype(dtype), kernel, _upcast_low_precision())
+
+
+def _upcast_low_precision():
+    return host_cpu.bf16_dots_mode(jax.default_backend()) == "float32"
+
+
+def low_precision_einsum(spec, a, b, upcast):
+    """einsum of 16-bit operands with a float32 result: the dot's own float32 accumulation, or with `upcast` a
+    float32 product of the converted operands, the same to float32 rounding (a bf16 x bf16 product is exact in
+    float32) and faster where the CPU has no bf16 matmul instructions."""
+    if upcast:
+        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _kernel_grad(x, g, einsum):
+    # The kernel gradient contracts the tokens of x [tokens, d] and of g [tokens, f], and XLA:CPU copies one of
+    # them into a transposed [features, tokens] layout: g in autodiff's formulation, which for a widening layer
+    # is the wide one (the ViT-22B block's fused [768, 5376] projection: 8.4M elements per block and step where
+    # x has 1.2M), and the first operand in the einsums below. In float32 the narrower of the two goes first.
+    if g.shape[-1] >= x.shape[-1]:
+        return einsum("...d,...f->df", x, g)
+    return einsum("...f,...d->fd", g, x).T
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -46,43 +72,40 @@ def _f32_dense_fwd(x, kernel, precision):
 
 
 def _f32_dense_bwd(precision, res, g):
-    # The kernel gradient contracts the tokens of x [tokens, d] and of g [tokens, f], and XLA:CPU copies one of
-    # them into a transposed [features, tokens] layout: g in autodiff's formulation, which for a widening layer
-    # is the wide one (the ViT-22B block's fused [768, 5376] projection: 8.4M elements per block and step where
-    # x has 1.2M), and the first operand in the einsums below. The narrower of the two goes first.
     x, kernel = res
     dx = jnp.einsum("...f,df->...d", g, kernel, precision=precision)
-    if kernel.shape[1] >= kernel.shape[0]:
-        dw = jnp.einsum("...d,...f->df", x, g, precision=precision)
-    else:
-        dw = jnp.einsum("...f,...d->fd", g, x, precision=precision).T
+    dw = _kernel_grad(x, g, functools.partial(jnp.einsum, precision=precision))
     return dx, _sum_over_replicas(dw, g, kernel)
 
 
 _f32_dense.defvjp(_f32_dense_fwd, _f32_dense_bwd)
 
 
-@jax.custom_vjp
-def _low_precision_dense(x, kernel):
-    return jnp.einsum("...d,df->...f", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_dense(x, kernel, upcast):
+    return _low_precision_dense_fwd(x, kernel, upcast)[0]
 
 
-def _low_precision_dense_fwd(x, kernel):
+def _low_precision_dense_fwd(x, kernel, upcast):
     w = kernel.astype(x.dtype)
     # The kernel's dtype rides along as a scalar: keeping the kernel itself would make a scan stack a copy of it.
-    return jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32).astype(x.dtype), \
+    return low_precision_einsum("...d,df->...f", x, w, upcast).astype(x.dtype), \
         (_pack(x), _pack(w), jnp.zeros((), kernel.dtype))
 
 
-def _low_precision_dense_bwd(res, g):
+def _low_precision_dense_bwd(upcast, res, g):
     # Autodiff would multiply the float32 cotangent by the bf16 operands: a mixed-precision dot that XLA runs at
     # float32 speed. Rounding the cotangent to bf16 first (as torch.autocast does) keeps the backward's two dots
     # on the fast path, accumulated in float32; the kernel gradient stays float32 (autocast rounds it to bf16).
     x, w, kernel_dtype = _unpack(res[0]), _unpack(res[1]), res[2]
     g = g.astype(x.dtype)
-    dx = jnp.einsum("...f,df->...d", g, w, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.einsum("...d,...f->df", x, g, preferred_element_type=jnp.float32).astype(kernel_dtype.dtype)
-    return dx, _sum_over_replicas(dw, g, w)
+    einsum = functools.partial(low_precision_einsum, upcast=upcast)
+    dx = einsum("...f,df->...d", g, w).astype(x.dtype)
+    if upcast:  # float32 dots: the narrower operand first, as in _f32_dense
+        dw = _kernel_grad(x, g, einsum)
+    else:  # x first: with g first XLA:CPU hands the bf16 dot to Eigen, which has no bf16 x bf16 -> f32 kernel
+        dw = einsum("...d,...f->df", x, g)
+    return dx, _sum_over_replicas(dw.astype(kernel_dtype.dtype), g, w)
 
 
 _low_precision_dense.defvjp(_low_precision_dense_fwd, _low_precision_dense_bwd)
