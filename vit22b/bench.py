@@ -34,32 +34,39 @@ from vit22b.models import layers
 FLAGS = flags.FLAGS
 
 
-def matmul_ceiling(dtype, n=None, reps=3):
-    """GFLOP/s of an n x n x n matmul in `dtype`, accumulated in float32, computed as the models' dense layers
-    compute it (for bf16 on a CPU without bf16 instructions: as float32, vit22b/host_cpu.py). n defaults to 2048
-    on a CPU and 8192 on an accelerator, where a smaller product would not fill the chip."""
+def ceiling_meter(n=None, reps=3):
+    """A function measuring the matmul ceilings now: GFLOP/s of an n x n x n matmul in float32 and in bfloat16
+    accumulated in float32, the bf16 one computed as the models' dense layers compute it (as float32 on a CPU
+    without bf16 instructions, vit22b/host_cpu.py). n defaults to 2048 on a CPU and 8192 on an accelerator, where
+    a smaller product would not fill the chip.
+
+    Both products are compiled here, once. The bench measures before and after the timed steps, never between
+    them: measuring (and compiling) between steps slowed the steps that followed (SwinV2-T float32 on a Zen 3,
+    2026-11-27: 3.0 s median per step without, 4.1-5.5 s with). It keeps the best of several measurements: on a
+    shared machine, ones that fell in slow moments lowered the bf16 ceiling from ~390 to 302 GFLOP/s."""
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
-    if jnp.dtype(dtype) == jnp.float32:
-        f = jax.jit(lambda x, y: jnp.dot(x, y))
-    else:
-        upcast = host_cpu.bf16_dots_mode(jax.default_backend()) == "float32"
-        f = jax.jit(lambda x, y: layers.low_precision_einsum("ij,jk->ik", x, y, upcast))
-    f(a, a).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times) / 1e9
+    host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    upcast = host_cpu.bf16_dots_mode(jax.default_backend()) == "float32"
+    products = {"float32": (jnp.float32, jax.jit(lambda x, y: jnp.dot(x, y))),
+                "bfloat16": (jnp.bfloat16, jax.jit(lambda x, y: layers.low_precision_einsum("ij,jk->ik", x, y,
+                                                                                              upcast)))}
 
+    def measure():
+        out = {}
+        for name, (dtype, f) in products.items():
+            a = jnp.asarray(host, dtype)
+            f(a, a).block_until_ready()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                f(a, a).block_until_ready()
+                times.append(time.perf_counter() - t)
+            out[name] = 2 * n ** 3 / min(times) / 1e9
+            del a
+        return out
 
-def measure_ceilings():
-    """Both ceilings now. The bench measures them before the timed steps and after each of them and keeps the
-    best of each: on a shared machine, measurements that fell in slow moments lowered the bf16 ceiling from ~390
-    to 302 GFLOP/s (one before the steps) and to 332 (both before and after them), which put MFU at 1.02 and
-    0.93."""
-    return {"float32": matmul_ceiling(jnp.float32), "bfloat16": matmul_ceiling(jnp.bfloat16)}
+    measure()  # compiles both
+    return measure
 
 
 def swin_forward_flops(m, image_size, channels=3):
@@ -136,14 +143,15 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
                 state, metrics = compiled(state, data)
                 jax.block_until_ready(metrics)
 
-        measured = [measure_ceilings()]
+        meter = ceiling_meter()
+        measured = [meter(), meter()]
         times = []
         for i in range(warmup + steps):
             t = time.perf_counter()
             once()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
-                measured.append(measure_ceilings())
+        measured += [meter(), meter()]
         parts = step_breakdown.breakdown(compiled, once) if breakdown else None
     mem = compiled.memory_analysis()
     fwd_xla = xla_forward_flops(model, image_shape)
