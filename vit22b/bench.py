@@ -11,8 +11,9 @@ compile_s, step_s (median and min over --steps), img_per_s, forward GFLOP per im
 unrolled model, and an analytic count), achieved model GFLOP/s (3 x forward for training), the matmul ceilings
 measured in the same process (a large f32 matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the
 config's dtype, peak memory from XLA's compiled memory analysis, whether the host allocator uses huge pages
-(vit22b/hugepages.py), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py). `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess,
-alternating with ours, and prints its line and the ratio. `--breakdown` adds where a traced step's time goes
+(vit22b/hugepages.py), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
+`--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
+prints its line and the ratio. `--breakdown` adds where a traced step's time goes
 (the median of three; vit22b/breakdown.py): matmuls and batched matmuls (time, GFLOP, GFLOP/s), the rest, idle,
 and the costliest of the rest by op name.
 """
