@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, cpu_env
 from vit22b import host_cpu, hugepages
 
 
 def _json_lines(cmd):
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                       env=cpu_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
 

@@ -1,10 +1,9 @@
 """ViT-22B's asynchronous parallel linear ops: collective-matmul rings on 8 simulated CPU devices."""
 import json
-import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 SCRIPT = r"""
 import json, re
@@ -85,8 +84,7 @@ print("RESULT" + json.dumps(out))
 
 
 def test_collective_matmul_rings(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=cpu_env(8), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(r.stdout.split("RESULT")[-1])

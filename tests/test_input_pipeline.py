@@ -1,6 +1,5 @@
 """Input pipelines: local ArrayRecord files, TFDS data sources, preprocessing, determinism, bad records."""
 import json
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CONFIGS, REPO, config, data_tool, run_main
+from conftest import CONFIGS, REPO, config, cpu_env, data_tool, run_main
 from vit22b import input_pipeline, preprocess, records
 
 PP = "decode|inception_crop(16)|flip_lr|randaug(2, 9)|value_range(-1, 1)"
@@ -260,7 +259,7 @@ def test_data_benchmark_prints_images_per_second(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vit22b.data_bench", "--images=48", "--size=64", "--batch=8",
                         "--batches=3", "--workers=0,1", f"--dir={tmp_path}",
                         "--pp=decode|inception_crop(32)|flip_lr|randaug(2, 9)|value_range(-1, 1)"], cwd=REPO, capture_output=True,
-                       text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+                       text=True, env=cpu_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
     assert [x["workers"] for x in rows] == [0, 1]

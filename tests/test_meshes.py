@@ -1,13 +1,12 @@
 """Sharded train steps on 8 simulated CPU devices equal one device, for both model families."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 SCRIPT = r"""
 import json, sys, jax, numpy as np, orbax.checkpoint as ocp
@@ -62,8 +61,7 @@ MESHES = ["data:8", "data:2,model:4", "model:8", "data:2,fsdp:2,model:2", "data:
 
 
 def run(devices, meshes, workdir, name):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), ";".join(meshes), name], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), ";".join(meshes), name], cwd=REPO, env=cpu_env(devices),
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.split("RESULT")[-1])

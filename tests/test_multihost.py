@@ -4,7 +4,7 @@ import os
 import socket
 import subprocess
 
-from conftest import CONFIGS, REPO, main_cmd
+from conftest import CONFIGS, REPO, cpu_env, main_cmd
 from vit22b.metrics_writer import read_metrics
 
 SPEC = f"{CONFIGS}/vit22b_digits.py:runlocal"
@@ -19,15 +19,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def env(devices):
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-
-
 def two_processes(workdir, steps):
     port = free_port()
     procs = [subprocess.Popen(main_cmd(SPEC, workdir, *FLAGS, f"--config.total_steps={steps}",
                                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                       f"--process_id={i}"), cwd=REPO, env=env(2), stdout=subprocess.PIPE,
+                                       f"--process_id={i}"), cwd=REPO, env=cpu_env(2), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -41,7 +37,7 @@ def losses(workdir):
 
 def test_two_processes_match_one_and_resume(tmp_path):
     single = tmp_path / "single"
-    r = subprocess.run(main_cmd(SPEC, single, *FLAGS, "--config.total_steps=12"), cwd=REPO, env=env(4),
+    r = subprocess.run(main_cmd(SPEC, single, *FLAGS, "--config.total_steps=12"), cwd=REPO, env=cpu_env(4),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     multi = tmp_path / "multi"
