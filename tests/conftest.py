@@ -20,8 +20,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # The tests check numbers, not speed, and most of their time is XLA:CPU compiling small programs. LLVM at -O0
 # compiles them faster (a Swin V2 memory test 73 -> 44 s, the Swin V2 mesh test 140 -> 95 s on a Zen 3; the
-# whole suite 20.5 -> 13.6 min), while steps run slower (300 digits steps 76 -> 117 s), so the two long training
-# runs take `cpu_env(optimized=True)`. XLA's HLO passes, and with them buffer assignment and the programs that
+# whole suite 20.5 -> 14 min), while steps run slower (the 300 digits steps 50 -> 81 s alone), so the two long
+# training runs take `cpu_env(optimized=True)`. XLA's HLO passes, and with them buffer assignment and the programs that
 # the structural tests read, are the same at every level. To test the optimised machine code throughout, set
 # XLA_FLAGS=--xla_backend_optimization_level=3 before running pytest.
 OPTIMIZED_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
@@ -62,8 +62,8 @@ def main_cmd(config_spec, workdir, *flags):
 
 
 def run_main(config_spec, workdir, *flags, timeout=300, optimized=False):
-    return subprocess.run(main_cmd(config_spec, workdir, *flags), cwd=REPO, env=cpu_env(optimized=optimized), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(main_cmd(config_spec, workdir, *flags), cwd=REPO, env=cpu_env(optimized=optimized),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -61,8 +61,8 @@ MESHES = ["data:8", "data:2,model:4", "model:8", "data:2,fsdp:2,model:2", "data:
 
 
 def run(devices, meshes, workdir, name):
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), ";".join(meshes), name], cwd=REPO, env=cpu_env(devices),
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(workdir), ";".join(meshes), name], cwd=REPO,
+                       env=cpu_env(devices), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout.split("RESULT")[-1])
 

@@ -116,7 +116,7 @@ def test_digits_training_learns(tmp_path):
                  optimized=True)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_metrics(str(tmp_path))
-    out = [r for r in rows if "eval/accuracy" in r][-1]
+    out = [row for row in rows if "eval/accuracy" in row][-1]
     train_losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert train_losses[-1] < 0.2 * train_losses[0]
     assert out["eval/accuracy"] >= 0.9, out
