@@ -37,6 +37,16 @@ def test_bench_prints_a_sane_json_line():
     assert row["host_cpu"] == host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode("cpu")} and row["host_cpu"]["model"]
     # The command re-executed itself with huge pages for the allocator, where this machine supports them.
     assert row["host_memory"] == {"malloc_hugetlb": hugepages_supported(), "thp": hugepages.thp_mode()}
+    _check_host_time(row)
+
+
+def _check_host_time(row):
+    """CPU seconds and page faults per timed step: present, and of the timed steps only (compiling a tiny model
+    takes seconds of CPU, its steps milliseconds; 5 x the median leaves room for one slow step)."""
+    t = row["host_time_per_step"]
+    assert set(t) == {"user_cpu_s", "system_cpu_s", "page_faults"}
+    assert t["user_cpu_s"] > 0 and t["system_cpu_s"] >= 0 and t["page_faults"] >= 0
+    assert t["user_cpu_s"] + t["system_cpu_s"] <= row["threads"] * 5 * row["step_s"]["median"] + 0.05, t
 
 
 def hugepages_supported():
@@ -78,6 +88,7 @@ def test_timm_side_prints_a_sane_json_line():
                           "--image_size=32", "--batch=2", "--steps=2"])
     assert row["framework"] == "timm" and row["model"] == "vit_tiny_patch16_224" and row["batch"] == 2
     assert row["img_per_s"] > 0 and row["step_s"]["steps"] == 2 and row["host_cpu"] == host_cpu.info()["model"]
+    _check_host_time(row)
 
 
 def test_analytic_flops_match_published_figures():
@@ -158,3 +169,9 @@ ENTRY %main (a: f32[4,4]) -> f32[16] {
     assert extended == [(0, 100, "dot.1"), (20, 60, "exp.2"), (100, 110, "negate.4")]  # through the bitcast
     wall, span = breakdown.attribute(extended, lambda n: n)
     assert span == 110e-9 and abs(wall["dot.1"] - 80e-9) < 1e-15 and abs(wall["exp.2"] - 20e-9) < 1e-15
+
+
+def test_bench_refuses_zero_steps_before_compiling():
+    from vit22b import bench
+    with pytest.raises(ValueError, match="--steps=0"):
+        bench.bench(None, steps=0)  # the config is not even read

@@ -11,7 +11,8 @@ compile_s, step_s (median and min over --steps), img_per_s, forward GFLOP per im
 unrolled model, and an analytic count), achieved model GFLOP/s (3 x forward for training), the matmul ceilings
 measured in the same process (a large f32 matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the
 config's dtype, peak memory from XLA's compiled memory analysis, whether the host allocator uses huge pages
-(vit22b/hugepages.py), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
+(vit22b/hugepages.py) and the CPU time and page faults of each timed step (host_time_per_step: user and system
+seconds, all threads), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
 `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
 prints its line and the ratio. `--breakdown` adds where a traced step's time goes
 (the median of three; vit22b/breakdown.py): matmuls and batched matmuls (time, GFLOP, GFLOP/s), the rest, idle,
@@ -110,6 +111,8 @@ def xla_forward_flops(model, image_shape):
 def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
     """One result dict for `config` (see the module docstring); with `breakdown`, also where a traced step's
     time goes (vit22b/breakdown.py)."""
+    if steps < 1:
+        raise ValueError(f"bench: --steps={steps}; at least one step must be timed")
     config_check.validate(config)
     num_classes = 1000
     size = config.input.image_size
@@ -148,10 +151,13 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
         measured = [meter(), meter()]
         times = []
         for i in range(warmup + steps):
+            if i == warmup:
+                before = hugepages.usage()
             t = time.perf_counter()
             once()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
+        host_time = hugepages.per_step(before, hugepages.usage(), steps)
         measured += [meter(), meter()]
         parts = step_breakdown.breakdown(compiled, once) if breakdown else None
     mem = compiled.memory_analysis()
@@ -171,7 +177,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
         "host_cpu": host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode(jax.default_backend())},
         "compile_s": round(compile_s, 2),
         "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4), "steps": len(times)},
-        "img_per_s": round(img_per_s, 3),
+        "img_per_s": round(img_per_s, 3), "host_time_per_step": host_time,
         "gflops_per_img": {"xla": round(fwd_xla / 1e9, 6), "analytic": round(fwd_analytic / 1e9, 6)},
         "achieved_gflop_per_s": round(achieved, 1),
         "matmul_ceiling_gflop_per_s": {k: round(v, 1) for k, v in ceilings.items()},

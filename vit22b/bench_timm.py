@@ -21,6 +21,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--forward", action="store_true")
     a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error(f"--steps={a.steps}; at least one step must be timed")
 
     import numpy as np
     import timm
@@ -47,10 +49,13 @@ def main(argv=None):
     model.eval() if a.forward else model.train()
     times = []
     for i in range(a.warmup + a.steps):
+        if i == a.warmup:
+            before = hugepages.usage()
         t = time.perf_counter()
         step()
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
+    host_time = hugepages.per_step(before, hugepages.usage(), a.steps)
     step_s = float(np.median(times))
     print(json.dumps({"framework": "timm", "model": a.model, "mode": "forward" if a.forward else "train",
                       "batch": a.batch, "image_size": a.image_size, "dtype": a.dtype, "threads": torch.get_num_threads(),
@@ -58,7 +63,7 @@ def main(argv=None):
                       "torch": torch.__version__, "timm": timm.__version__,
                       "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4),
                                  "steps": len(times)},
-                      "img_per_s": round(a.batch / step_s, 3)}), flush=True)
+                      "img_per_s": round(a.batch / step_s, 3), "host_time_per_step": host_time}), flush=True)
 
 
 if __name__ == "__main__":
