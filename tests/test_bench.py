@@ -36,7 +36,8 @@ def test_bench_prints_a_sane_json_line():
     # Which CPU measured it, and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
     assert row["host_cpu"] == host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode("cpu")} and row["host_cpu"]["model"]
     # The command re-executed itself with huge pages for the allocator, where this machine supports them.
-    assert row["host_memory"] == {"malloc_hugetlb": hugepages_supported(), "thp": hugepages.thp_mode()}
+    assert row["host_memory"] == {"allocator": "tcmalloc" if hugepages.find_tcmalloc() else "system",
+                                  "malloc_hugetlb": hugepages_supported(), "thp": hugepages.thp_mode()}
     _check_host_time(row)
 
 
@@ -57,7 +58,7 @@ def hugepages_supported():
 FAULTS = """
 import ctypes, resource, sys
 from vit22b import host_cpu, hugepages
-hugepages.reexec_with_huge_pages()
+hugepages.reexec_with_fast_allocator()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 n = 256 << 20
@@ -72,7 +73,8 @@ print(hugepages.status()["malloc_hugetlb"], resource.getrusage(resource.RUSAGE_S
 def test_reexec_with_huge_pages_cuts_page_faults():
     def faults(**env):
         r = subprocess.run([sys.executable, "-c", FAULTS], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in dict(os.environ, **env).items() if k != "GLIBC_TUNABLES"})
+                           env={k: v for k, v in dict(os.environ, VIT22B_TCMALLOC="0", **env).items()
+                                if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")})
         assert r.returncode == 0, r.stderr[-2000:]
         on, n = r.stdout.split()
         return on == "True", int(n)
@@ -81,6 +83,59 @@ def test_reexec_with_huge_pages_cuts_page_faults():
     on_flag, on = faults()
     assert not off_flag and on_flag
     assert off > 60_000 and on < off / 20, (off, on)  # 4 KiB pages: 65,536 faults; 2 MiB pages: 128
+
+
+def test_the_reexec_plans_huge_pages_and_tcmalloc_once():
+    plan, tc = hugepages.planned_environment, "libtcmalloc_minimal.so.4"
+    both = plan({}, (2, 39), "madvise", tc)
+    assert both == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": tc}
+    assert plan(both, (2, 39), "madvise", tc) == {}  # after the re-exec: nothing more, no loop
+    assert plan({"VIT22B_HUGE_PAGES": "0"}, (2, 39), "madvise", tc) == {}
+    assert plan({"VIT22B_TCMALLOC": "0"}, (2, 39), "madvise", tc) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert plan({}, (2, 39), "madvise", None) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert plan({}, (2, 31), "never", tc) == {"LD_PRELOAD": tc}  # no huge pages here, tcmalloc still
+    assert plan({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, None, None, tc) == {}  # the user's allocator stays
+    assert plan({"LD_PRELOAD": "libfoo.so", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 39), "always", tc) \
+        == {"LD_PRELOAD": f"{tc} libfoo.so"}  # other preloads kept; a tunable set to any value is the user's
+
+
+# Mallocs, touches and frees 256 MiB twice after the entry points' re-exec; prints the allocator and the page
+# faults of each round.
+REUSE = """
+import ctypes, resource
+from vit22b import hugepages
+hugepages.reexec_with_fast_allocator()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+n = 256 << 20
+faults = []
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(ctypes.c_size_t(n))
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(hugepages.status()["allocator"], *faults)
+"""
+
+
+@pytest.mark.skipif(hugepages.find_tcmalloc() is None, reason="tcmalloc is not installed "
+                    "(Debian/Ubuntu: apt install libtcmalloc-minimal4); the re-exec then keeps glibc's malloc")
+def test_reexec_preloads_tcmalloc_which_reuses_a_freed_block():
+    def run(**env):
+        r = subprocess.run([sys.executable, "-c", REUSE], cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in os.environ.items()
+                                if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "VIT22B_TCMALLOC", "VIT22B_HUGE_PAGES")}
+                           | env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        name, first, second = r.stdout.split()
+        return name, int(first), int(second)
+
+    name, first, second = run()
+    assert name == "tcmalloc" and first > 0 and second < first / 20, (name, first, second)
+    name, first, second = run(VIT22B_TCMALLOC="0")  # glibc maps the block afresh each time
+    assert name == "system" and second > first / 20, (name, first, second)
 
 
 def test_timm_side_prints_a_sane_json_line():

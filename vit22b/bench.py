@@ -239,7 +239,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_huge_pages()  # ours and timm's subprocess alike: see vit22b/hugepages.py
+    hugepages.reexec_with_fast_allocator()  # ours and timm's subprocess alike: see vit22b/hugepages.py
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file with optional ':ARGS'.", lock_config=False)
     flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")
