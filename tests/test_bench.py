@@ -86,16 +86,22 @@ def test_reexec_with_huge_pages_cuts_page_faults():
 
 
 def test_the_reexec_plans_huge_pages_and_tcmalloc_once():
-    plan, tc = hugepages.planned_environment, "libtcmalloc_minimal.so.4"
-    both = plan({}, (2, 39), "madvise", tc)
-    assert both == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": tc}
-    assert plan(both, (2, 39), "madvise", tc) == {}  # after the re-exec: nothing more, no loop
-    assert plan({"VIT22B_HUGE_PAGES": "0"}, (2, 39), "madvise", tc) == {}
-    assert plan({"VIT22B_TCMALLOC": "0"}, (2, 39), "madvise", tc) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    tc = "libtcmalloc_minimal.so.4"
+    looked = []
+
+    def plan(environ, glibc, thp, found=tc):
+        return hugepages.planned_environment(environ, glibc, thp, lambda: looked.append(1) or found)
+
+    both = plan({}, (2, 39), "madvise")
+    assert both == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "LD_PRELOAD": tc} and len(looked) == 1
+    assert plan(both, (2, 39), "madvise") == {} and len(looked) == 1  # after the re-exec: nothing, no lookup
+    assert plan({"VIT22B_HUGE_PAGES": "0"}, (2, 39), "madvise") == {}
+    assert plan({"VIT22B_TCMALLOC": "0"}, (2, 39), "madvise") == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert len(looked) == 1  # opted out: not looked up
     assert plan({}, (2, 39), "madvise", None) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    assert plan({}, (2, 31), "never", tc) == {"LD_PRELOAD": tc}  # no huge pages here, tcmalloc still
-    assert plan({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, None, None, tc) == {}  # the user's allocator stays
-    assert plan({"LD_PRELOAD": "libfoo.so", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 39), "always", tc) \
+    assert plan({}, (2, 31), "never") == {"LD_PRELOAD": tc}  # no huge pages here, tcmalloc still
+    assert plan({"LD_PRELOAD": "/opt/libjemalloc.so.2"}, None, None) == {}  # the user's allocator stays
+    assert plan({"LD_PRELOAD": "libfoo.so", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 39), "always") \
         == {"LD_PRELOAD": f"{tc} libfoo.so"}  # other preloads kept; a tunable set to any value is the user's
 
 

@@ -87,11 +87,12 @@ def status():
     return {"allocator": loaded_allocator(), "malloc_hugetlb": on, "thp": thp_mode()}
 
 
-def planned_environment(environ, glibc, thp, tcmalloc):
-    """The variables the re-exec sets ({} for none), given the environment, glibc's version, the THP mode and
-    the tcmalloc found (or None): the huge-page tunable unless set already (to any value) or unsupported here,
-    and tcmalloc first in LD_PRELOAD unless LD_PRELOAD names an allocator already. {} when VIT22B_HUGE_PAGES=0;
-    no tcmalloc when VIT22B_TCMALLOC=0. Once the re-exec has set them, it plans nothing more."""
+def planned_environment(environ, glibc, thp, find=find_tcmalloc):
+    """The variables the re-exec sets ({} for none), given the environment, glibc's version and the THP mode:
+    the huge-page tunable unless set already (to any value) or unsupported here, and the tcmalloc that `find()`
+    returns (None: none) first in LD_PRELOAD unless LD_PRELOAD names an allocator already. {} when
+    VIT22B_HUGE_PAGES=0; no tcmalloc when VIT22B_TCMALLOC=0. Once the re-exec has set them, it plans nothing
+    more, and `find` (which runs ldconfig) is called only when tcmalloc could still be preloaded."""
     if environ.get(OPT_OUT, "1") == "0":
         return {}
     out = {}
@@ -99,14 +100,16 @@ def planned_environment(environ, glibc, thp, tcmalloc):
     if TUNABLE not in tunables and glibc is not None and glibc >= (2, 35) and thp not in (None, "never"):
         out["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
     preload = environ.get("LD_PRELOAD", "")
-    if tcmalloc and environ.get(TCMALLOC_OPT_OUT, "1") != "0" and named_allocator(preload) is None:
-        out["LD_PRELOAD"] = f"{tcmalloc} {preload}".strip()
+    if environ.get(TCMALLOC_OPT_OUT, "1") != "0" and named_allocator(preload) is None:
+        tcmalloc = find()
+        if tcmalloc:
+            out["LD_PRELOAD"] = f"{tcmalloc} {preload}".strip()
     return out
 
 
 def reexec_with_fast_allocator():
     """Re-execute this process with `planned_environment`'s variables, if it plans any."""
-    changes = planned_environment(os.environ, glibc_version(), thp_mode(), find_tcmalloc())
+    changes = planned_environment(os.environ, glibc_version(), thp_mode())
     if not changes:
         return
     os.environ.update(changes)
