@@ -21,6 +21,10 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.4",  # ships the bundled digits dataset
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        # The allocator the entry points preload on a CPU host (vit22b/hugepages.py): wheels for Linux with
+        # glibc >= 2.28 on x86-64 and ARM.
+        "cmeel-mimalloc>=3.2,<4; platform_system == 'Linux' and "
+        "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
         "test": [

@@ -1,4 +1,4 @@
-"""The host allocator of the command-line entry points: huge pages, and tcmalloc where it is installed.
+"""The host allocator of the command-line entry points: huge pages, and an allocator that keeps freed memory.
 
 XLA:CPU mallocs each step's temporaries afresh, as one block (1.4 GB for ViT-B/16's float32 train step at batch
 8), and frees it when the step ends. glibc serves blocks over 32 MiB with new mmaps and unmaps them when they
@@ -8,28 +8,38 @@ are freed, so every step faults its temporaries back in and the kernel zeroes ea
   pages, so each fault brings in 2 MiB: SwinV2-T in float32 at batch 8 took 527k faults per step, 3k with it,
   and its steps were 3-12% faster. The zeroing remains: 0.7 s of system CPU per 7.4 s ViT-B/16 float32 step on
   a 2-core Zen 3 (README, Performance).
-- tcmalloc keeps freed blocks for the next request, so the next step reuses memory that is already mapped.
-  ViT-B/16 float32 on that Zen 3: 1.13 -> 0.21 s of system CPU per step, steps 7.87 -> 6.74 s, for about one
-  more block of resident memory (4.6-4.8 GB against 3.3). Where the dynamic loader knows
-  `libtcmalloc_minimal.so.4` or `libtcmalloc.so.4` (Debian and Ubuntu: `apt install libtcmalloc-minimal4`),
-  the entry points preload it, unless another allocator is preloaded already. glibc can be made to keep
-  freed memory too, but then the process grew by a block every few steps (README).
+- tcmalloc and mimalloc keep freed blocks for the next request, so the next step reuses memory that is already
+  mapped: ViT-B/16 float32 on that Zen 3, 0.7-1.1 s of system CPU per step down to 0.02-0.03 s. The entry
+  points preload an installed tcmalloc (`libtcmalloc_minimal.so.4` or `libtcmalloc.so.4`; Debian and Ubuntu:
+  `apt install libtcmalloc-minimal4`), else mimalloc from the `cmeel-mimalloc` wheel (a dependency of vit22b
+  on Linux, so that no root is needed), told to keep freed memory (`MIMALLOC_PURGE_DELAY=-1`; by default it
+  decommits it after 10 ms) and to use huge pages (`MIMALLOC_ALLOW_LARGE_OS_PAGES=1`). Both hold about one
+  more block resident than glibc, and both grow once in most runs, in one step that takes seconds of system
+  CPU; tcmalloc first because it held less (that step: 4.4-4.5 GB against mimalloc's 5.1 after its growth,
+  glibc's 1.7-3.1). Nothing is preloaded when LD_PRELOAD names an allocator already. glibc can be made to
+  keep freed memory too, but then the process grew by a block every few steps (README).
 
 Tunables and LD_PRELOAD are read only when a process starts, so `python -m vit22b.main` and
 `python -m vit22b.bench` re-execute themselves once with them set. VIT22B_HUGE_PAGES=0 turns the re-exec off;
-VIT22B_TCMALLOC=0 keeps the huge pages but not tcmalloc. In a notebook, start Jupyter with the variables set
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1 LD_PRELOAD=libtcmalloc_minimal.so.4`).
+VIT22B_ALLOCATOR=tcmalloc, mimalloc or system picks the allocator (system: glibc's, with the huge pages;
+VIT22B_TCMALLOC=0 is an older spelling of it). In a notebook, start Jupyter with the variables set: the
+bench's `host_memory` line shows which ones a run used.
 
 `usage` and `per_step` let the bench report the user and system CPU time and the page faults of each step.
 """
 import ctypes.util
+import importlib.metadata
 import os
 import resource
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "VIT22B_HUGE_PAGES"
-TCMALLOC_OPT_OUT = "VIT22B_TCMALLOC"
+ALLOCATOR_CHOICE = "VIT22B_ALLOCATOR"
+TCMALLOC_OPT_OUT = "VIT22B_TCMALLOC"  # =0: the older spelling of VIT22B_ALLOCATOR=system
+CHOICES = ("tcmalloc", "mimalloc", "system")
+# mimalloc's defaults decommit freed memory after 10 ms and use 4 KiB pages; a user's own settings are kept.
+MIMALLOC_SETTINGS = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
 THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")  # malloc replacements, by a word in their file names
 
@@ -65,6 +75,40 @@ def find_tcmalloc():
     return None
 
 
+def find_mimalloc():
+    """The path of libmimalloc in the installed `cmeel-mimalloc` wheel, or None."""
+    try:
+        files = importlib.metadata.distribution("cmeel-mimalloc").files or ()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name.startswith("libmimalloc.so.") and os.path.exists(f.locate()):
+            return str(f.locate())
+    return None
+
+
+def find_allocator(choice=None):
+    """(name, library) of the allocator to preload: the one `choice` names ('tcmalloc' or 'mimalloc'), or by
+    default tcmalloc, else mimalloc; None when it is not installed."""
+    for name, find in (("tcmalloc", find_tcmalloc), ("mimalloc", find_mimalloc)):
+        if choice in (None, name):
+            library = find()
+            if library:
+                return name, library
+    return None
+
+
+def allocator_choice(environ):
+    """VIT22B_ALLOCATOR's value ('tcmalloc', 'mimalloc', 'system'), or None for the default."""
+    value = environ.get(ALLOCATOR_CHOICE, "")
+    if not value:
+        return "system" if environ.get(TCMALLOC_OPT_OUT) == "0" else None
+    if value not in CHOICES:
+        raise ValueError(f"{ALLOCATOR_CHOICE}={value!r}: expected one of {', '.join(CHOICES)}, or unset "
+                         "(tcmalloc where installed, else mimalloc where its wheel is, else system)")
+    return value
+
+
 def named_allocator(preload):
     """The malloc replacement that an LD_PRELOAD value names, or None."""
     return next((a for a in ALLOCATORS if a in preload), None)
@@ -87,23 +131,33 @@ def status():
     return {"allocator": loaded_allocator(), "malloc_hugetlb": on, "thp": thp_mode()}
 
 
-def planned_environment(environ, glibc, thp, find=find_tcmalloc):
+def planned_environment(environ, glibc, thp, find=find_allocator):
     """The variables the re-exec sets ({} for none), given the environment, glibc's version and the THP mode:
-    the huge-page tunable unless set already (to any value) or unsupported here, and the tcmalloc that `find()`
-    returns (None: none) first in LD_PRELOAD unless LD_PRELOAD names an allocator already. {} when
-    VIT22B_HUGE_PAGES=0; no tcmalloc when VIT22B_TCMALLOC=0. Once the re-exec has set them, it plans nothing
-    more, and `find` (which runs ldconfig) is called only when tcmalloc could still be preloaded."""
+    the huge-page tunable unless set already (to any value) or unsupported here, and the allocator that
+    `find(allocator_choice(environ))` returns ((name, library) or None) first in LD_PRELOAD, with mimalloc's
+    settings, unless LD_PRELOAD names an allocator already. {} when VIT22B_HUGE_PAGES=0; no allocator when
+    VIT22B_ALLOCATOR=system. Once the re-exec has set them, it plans nothing more, and `find` (which may run
+    ldconfig) is called only when an allocator could still be preloaded. An allocator asked for by name that is
+    not installed is an error, as is an unknown name."""
     if environ.get(OPT_OUT, "1") == "0":
         return {}
+    choice = allocator_choice(environ)
     out = {}
     tunables = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE not in tunables and glibc is not None and glibc >= (2, 35) and thp not in (None, "never"):
         out["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
     preload = environ.get("LD_PRELOAD", "")
-    if environ.get(TCMALLOC_OPT_OUT, "1") != "0" and named_allocator(preload) is None:
-        tcmalloc = find()
-        if tcmalloc:
-            out["LD_PRELOAD"] = f"{tcmalloc} {preload}".strip()
+    if choice != "system" and named_allocator(preload) is None:
+        found = find(choice)
+        if found is None and choice is not None:
+            raise RuntimeError(f"{ALLOCATOR_CHOICE}={choice}, but it is not installed ("
+                               + ("pip install cmeel-mimalloc" if choice == "mimalloc"
+                                  else "Debian/Ubuntu: apt install libtcmalloc-minimal4") + ")")
+        if found:
+            name, library = found
+            out["LD_PRELOAD"] = f"{library} {preload}".strip()
+            if name == "mimalloc":
+                out.update({k: v for k, v in MIMALLOC_SETTINGS.items() if k not in environ})
     return out
 
 
