@@ -157,6 +157,13 @@ print(hugepages.status()["allocator"], *faults)
 """
 
 
+def _allocator_env(choice):
+    """This process's environment without any allocator settings, choosing `choice` (VIT22B_ALLOCATOR)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "VIT22B_TCMALLOC", "VIT22B_HUGE_PAGES")
+            and not k.startswith("MIMALLOC_")} | {"VIT22B_ALLOCATOR": choice}
+
+
 @pytest.mark.parametrize("allocator", ["tcmalloc", "mimalloc"])
 def test_reexec_preloads_an_allocator_which_reuses_a_freed_block(allocator):
     if hugepages.find_allocator(allocator) is None:  # mimalloc comes with vit22b on Linux; tcmalloc from apt
@@ -164,9 +171,7 @@ def test_reexec_preloads_an_allocator_which_reuses_a_freed_block(allocator):
 
     def run(choice):
         r = subprocess.run([sys.executable, "-c", REUSE], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items()
-                                if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", "VIT22B_TCMALLOC", "VIT22B_HUGE_PAGES")
-                                and not k.startswith("MIMALLOC_")} | {"VIT22B_ALLOCATOR": choice})
+                           env=_allocator_env(choice))
         assert r.returncode == 0, r.stderr[-2000:]
         name, first, second = r.stdout.split()
         return name, int(first), int(second)
@@ -176,6 +181,18 @@ def test_reexec_preloads_an_allocator_which_reuses_a_freed_block(allocator):
     assert name == allocator and first >= 100 and second < 32, (name, first, second)
     name, first, second = run("system")  # glibc maps the block afresh each time
     assert name == "system" and second >= 100, (name, first, second)
+
+
+def test_a_shell_gets_the_same_environment_for_a_notebook_server():
+    if hugepages.find_allocator("mimalloc") is None:
+        pytest.skip("the cmeel-mimalloc wheel is not installed")
+    env = _allocator_env("mimalloc")
+    script = (f'eval "$({sys.executable} -m vit22b.hugepages)" && '
+              f'{sys.executable} -c "from vit22b import hugepages; print(hugepages.status())"')
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == str({"allocator": "mimalloc", "malloc_hugetlb": hugepages_supported(),
+                                    "thp": hugepages.thp_mode()})
 
 
 def test_timm_side_prints_a_sane_json_line():

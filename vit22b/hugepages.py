@@ -22,8 +22,8 @@ are freed, so every step faults its temporaries back in and the kernel zeroes ea
 Tunables and LD_PRELOAD are read only when a process starts, so `python -m vit22b.main` and
 `python -m vit22b.bench` re-execute themselves once with them set. VIT22B_HUGE_PAGES=0 turns the re-exec off;
 VIT22B_ALLOCATOR=tcmalloc, mimalloc or system picks the allocator (system: glibc's, with the huge pages;
-VIT22B_TCMALLOC=0 is an older spelling of it). In a notebook, start Jupyter with the variables set: the
-bench's `host_memory` line shows which ones a run used.
+VIT22B_TCMALLOC=0 is an older spelling of it). A notebook's kernel cannot re-execute itself: start Jupyter
+from a shell that ran `eval "$(python -m vit22b.hugepages)"`, which exports the same variables.
 
 `usage` and `per_step` let the bench report the user and system CPU time and the page faults of each step.
 """
@@ -31,6 +31,7 @@ import ctypes.util
 import importlib.metadata
 import os
 import resource
+import shlex
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
@@ -172,6 +173,13 @@ def reexec_with_fast_allocator():
     os.execv(sys.executable, sys.orig_argv)
 
 
+def shell_exports(environ=None):
+    """`planned_environment` as `export` lines for a shell, for processes that cannot re-execute themselves."""
+    environ = os.environ if environ is None else environ
+    changes = planned_environment(environ, glibc_version(), thp_mode())
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(changes.items()))
+
+
 def usage():
     """(user CPU seconds, system CPU seconds, page faults) of this process so far, all threads together."""
     r = resource.getrusage(resource.RUSAGE_SELF)
@@ -183,3 +191,7 @@ def per_step(before, after, steps):
     user, system, faults = (b - a for a, b in zip(before, after))
     return {"user_cpu_s": round(user / steps, 4), "system_cpu_s": round(system / steps, 4),
             "page_faults": round(faults / steps)}
+
+
+if __name__ == "__main__":
+    print(shell_exports())
