@@ -1,6 +1,7 @@
 """`python -m vit22b.bench`: the JSON line's fields are present and sane (a regression guard, not a timing test)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -122,6 +123,26 @@ def test_the_reexec_plans_huge_pages_and_an_allocator_once():
         plan({"VIT22B_ALLOCATOR": "jemalloc"})
     with pytest.raises(RuntimeError, match="VIT22B_ALLOCATOR=tcmalloc, but it is not installed"):
         plan({"VIT22B_ALLOCATOR": "tcmalloc"}, installed=(mi,))
+    with pytest.raises(ValueError, match="VIT22B_ALLOCATOR='jemalloc'"):  # checked even with the re-exec off
+        plan({"VIT22B_ALLOCATOR": "jemalloc", "VIT22B_HUGE_PAGES": "0"})
+    # A choice that the environment contradicts (a shell that evaluated `python -m vit22b.hugepages` earlier)
+    assert plan({"VIT22B_ALLOCATOR": "tcmalloc", "LD_PRELOAD": tc[1]}) == huge  # agrees: nothing more to do
+    for choice in ("mimalloc", "system"):
+        with pytest.raises(RuntimeError, match=f"VIT22B_ALLOCATOR={choice}, but LD_PRELOAD already loads tcmalloc"):
+            plan({"VIT22B_ALLOCATOR": choice, "LD_PRELOAD": tc[1]})
+    # The loader splits LD_PRELOAD at spaces and colons: such a path is skipped, or an error when asked for.
+    spaced = ("mimalloc", "/my venv/cmeel.prefix/lib/libmimalloc.so.3")
+    assert plan({}, installed=(spaced,)) == huge
+    with pytest.raises(RuntimeError, match="VIT22B_ALLOCATOR=mimalloc: its path '/my venv/.*' has a space or colon"):
+        plan({"VIT22B_ALLOCATOR": "mimalloc"}, installed=(spaced,))
+
+
+def test_the_mimalloc_wheel_is_found_where_it_is_a_dependency():
+    import platform
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("cmeel-mimalloc is a dependency on Linux x86-64 and aarch64 only (setup.py)")
+    library = hugepages.find_mimalloc()
+    assert library and os.path.isfile(library) and "libmimalloc.so." in os.path.basename(library), library
 
 
 def test_find_allocator_prefers_tcmalloc_then_the_mimalloc_wheel(monkeypatch):
@@ -183,12 +204,16 @@ def test_reexec_preloads_an_allocator_which_reuses_a_freed_block(allocator):
     assert name == "system" and second >= 100, (name, first, second)
 
 
+STATUS = "from vit22b import hugepages; print(hugepages.status())"
+
+
 def test_a_shell_gets_the_same_environment_for_a_notebook_server():
     if hugepages.find_allocator("mimalloc") is None:
         pytest.skip("the cmeel-mimalloc wheel is not installed")
     env = _allocator_env("mimalloc")
-    script = (f'eval "$({sys.executable} -m vit22b.hugepages)" && '
-              f'{sys.executable} -c "from vit22b import hugepages; print(hugepages.status())"')
+    python = shlex.quote(sys.executable)  # the README's recipe, with this interpreter
+    script = f'x=$({python} -m vit22b.hugepages) && eval "$x" && {python} -c "{STATUS}"'
+
     r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == str({"allocator": "mimalloc", "malloc_hugetlb": hugepages_supported(),

@@ -9,21 +9,22 @@ are freed, so every step faults its temporaries back in and the kernel zeroes ea
   and its steps were 3-12% faster. The zeroing remains: 0.7 s of system CPU per 7.4 s ViT-B/16 float32 step on
   a 2-core Zen 3 (README, Performance).
 - tcmalloc and mimalloc keep freed blocks for the next request, so the next step reuses memory that is already
-  mapped: ViT-B/16 float32 on that Zen 3, 0.7-1.1 s of system CPU per step down to 0.02-0.03 s. The entry
+  mapped: ViT-B/16 float32 on that Zen 3, 0.7-1.1 s of system CPU per step down to 0.00-0.06 s. The entry
   points preload an installed tcmalloc (`libtcmalloc_minimal.so.4` or `libtcmalloc.so.4`; Debian and Ubuntu:
   `apt install libtcmalloc-minimal4`), else mimalloc from the `cmeel-mimalloc` wheel (a dependency of vit22b
   on Linux, so that no root is needed), told to keep freed memory (`MIMALLOC_PURGE_DELAY=-1`; by default it
   decommits it after 10 ms) and to use huge pages (`MIMALLOC_ALLOW_LARGE_OS_PAGES=1`). Both hold about one
   more block resident than glibc, and both grow once in most runs, in one step that takes seconds of system
-  CPU; tcmalloc first because it held less (that step: 4.4-4.5 GB against mimalloc's 5.1 after its growth,
-  glibc's 1.7-3.1). Nothing is preloaded when LD_PRELOAD names an allocator already. glibc can be made to
-  keep freed memory too, but then the process grew by a block every few steps (README).
+  CPU; tcmalloc first because it held less (resident after a ViT-B/16 float32 step: 4.4-4.5 GB against
+  mimalloc's 5.1 after its growth, glibc's 1.7-3.1). Nothing is preloaded when LD_PRELOAD names an allocator
+  already. glibc can be made to keep freed memory too, but then the process grew by a block every few steps
+  (README).
 
 Tunables and LD_PRELOAD are read only when a process starts, so `python -m vit22b.main` and
 `python -m vit22b.bench` re-execute themselves once with them set. VIT22B_HUGE_PAGES=0 turns the re-exec off;
 VIT22B_ALLOCATOR=tcmalloc, mimalloc or system picks the allocator (system: glibc's, with the huge pages;
 VIT22B_TCMALLOC=0 is an older spelling of it). A notebook's kernel cannot re-execute itself: start Jupyter
-from a shell that ran `eval "$(python -m vit22b.hugepages)"`, which exports the same variables.
+as `(x=$(python -m vit22b.hugepages) && eval "$x" && jupyter lab)`, which exports the same variables first.
 
 `usage` and `per_step` let the bench report the user and system CPU time and the page faults of each step.
 """
@@ -138,22 +139,33 @@ def planned_environment(environ, glibc, thp, find=find_allocator):
     `find(allocator_choice(environ))` returns ((name, library) or None) first in LD_PRELOAD, with mimalloc's
     settings, unless LD_PRELOAD names an allocator already. {} when VIT22B_HUGE_PAGES=0; no allocator when
     VIT22B_ALLOCATOR=system. Once the re-exec has set them, it plans nothing more, and `find` (which may run
-    ldconfig) is called only when an allocator could still be preloaded. An allocator asked for by name that is
-    not installed is an error, as is an unknown name."""
+    ldconfig) is called only when an allocator could still be preloaded.
+
+    Errors, each naming VIT22B_ALLOCATOR: an unknown name; an allocator asked for by name that is not installed,
+    or whose path the loader cannot take (LD_PRELOAD splits at spaces and colons; unnamed, such a path is
+    skipped); and a choice that LD_PRELOAD contradicts (another allocator, or one at all for `system`)."""
+    choice = allocator_choice(environ)
+    preload = environ.get("LD_PRELOAD", "")
+    preloaded = named_allocator(preload)
+    if choice is not None and preloaded not in (None, choice):
+        raise RuntimeError(f"{ALLOCATOR_CHOICE}={choice}, but LD_PRELOAD already loads {preloaded}: {preload!r}")
     if environ.get(OPT_OUT, "1") == "0":
         return {}
-    choice = allocator_choice(environ)
     out = {}
     tunables = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE not in tunables and glibc is not None and glibc >= (2, 35) and thp not in (None, "never"):
         out["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
-    preload = environ.get("LD_PRELOAD", "")
-    if choice != "system" and named_allocator(preload) is None:
+    if choice != "system" and preloaded is None:
         found = find(choice)
         if found is None and choice is not None:
             raise RuntimeError(f"{ALLOCATOR_CHOICE}={choice}, but it is not installed ("
                                + ("pip install cmeel-mimalloc" if choice == "mimalloc"
                                   else "Debian/Ubuntu: apt install libtcmalloc-minimal4") + ")")
+        if found and any(c in found[1] for c in " \t:"):
+            if choice is not None:
+                raise RuntimeError(f"{ALLOCATOR_CHOICE}={choice}: its path {found[1]!r} has a space or colon, "
+                                   "where LD_PRELOAD splits")
+            found = None
         if found:
             name, library = found
             out["LD_PRELOAD"] = f"{library} {preload}".strip()
