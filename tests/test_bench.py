@@ -127,6 +127,7 @@ def test_the_reexec_plans_huge_pages_and_an_allocator_once():
         plan({"VIT22B_ALLOCATOR": "jemalloc", "VIT22B_HUGE_PAGES": "0"})
     # A choice that the environment contradicts (a shell that evaluated `python -m vit22b.hugepages` earlier)
     assert plan({"VIT22B_ALLOCATOR": "tcmalloc", "LD_PRELOAD": tc[1]}) == huge  # agrees: nothing more to do
+    assert plan({"VIT22B_TCMALLOC": "0", "LD_PRELOAD": tc[1]}) == huge  # the older spelling: add none, as before
     for choice in ("mimalloc", "system"):
         with pytest.raises(RuntimeError, match=f"VIT22B_ALLOCATOR={choice}, but LD_PRELOAD already loads tcmalloc"):
             plan({"VIT22B_ALLOCATOR": choice, "LD_PRELOAD": tc[1]})

@@ -143,11 +143,12 @@ def planned_environment(environ, glibc, thp, find=find_allocator):
 
     Errors, each naming VIT22B_ALLOCATOR: an unknown name; an allocator asked for by name that is not installed,
     or whose path the loader cannot take (LD_PRELOAD splits at spaces and colons; unnamed, such a path is
-    skipped); and a choice that LD_PRELOAD contradicts (another allocator, or one at all for `system`)."""
+    skipped); and a VIT22B_ALLOCATOR that LD_PRELOAD contradicts (another allocator, or one at all for
+    `system`; VIT22B_TCMALLOC=0 keeps its old meaning, add none)."""
     choice = allocator_choice(environ)
     preload = environ.get("LD_PRELOAD", "")
     preloaded = named_allocator(preload)
-    if choice is not None and preloaded not in (None, choice):
+    if environ.get(ALLOCATOR_CHOICE) and preloaded not in (None, choice):  # not for the older VIT22B_TCMALLOC=0
         raise RuntimeError(f"{ALLOCATOR_CHOICE}={choice}, but LD_PRELOAD already loads {preloaded}: {preload!r}")
     if environ.get(OPT_OUT, "1") == "0":
         return {}
