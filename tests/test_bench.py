@@ -76,8 +76,7 @@ print(hugepages.status()["malloc_hugetlb"], resource.getrusage(resource.RUSAGE_S
 def test_reexec_with_huge_pages_cuts_page_faults():
     def faults(**env):
         r = subprocess.run([sys.executable, "-c", FAULTS], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in dict(os.environ, VIT22B_ALLOCATOR="system", **env).items()
-                                if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")})
+                           env=_allocator_env("system") | env)
         assert r.returncode == 0, r.stderr[-2000:]
         on, n = r.stdout.split()
         return on == "True", int(n)

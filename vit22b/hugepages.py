@@ -83,10 +83,8 @@ def find_mimalloc():
         files = importlib.metadata.distribution("cmeel-mimalloc").files or ()
     except importlib.metadata.PackageNotFoundError:
         return None
-    for f in files:
-        if f.name.startswith("libmimalloc.so.") and os.path.exists(f.locate()):
-            return str(f.locate())
-    return None
+    paths = (str(f.locate()) for f in files if f.name.startswith("libmimalloc.so."))
+    return next((p for p in paths if os.path.exists(p)), None)
 
 
 def find_allocator(choice=None):
