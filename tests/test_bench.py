@@ -228,6 +228,38 @@ def test_timm_side_prints_a_sane_json_line():
     _check_host_time(row)
 
 
+def test_pairs_alternate_single_steps_and_summarise_the_speed_ratio():
+    from vit22b import bench
+    calls = []
+    bench_ours = lambda: calls.append("ours")
+    partner = lambda: calls.append("timm") or 0.5
+    summary = bench.alternate(bench_ours, partner, 4)
+    assert calls == ["ours", "timm", "timm", "ours", "ours", "timm", "timm", "ours"]  # who goes first alternates
+    assert summary["pairs"] == 4 and summary["partner_step_s"] == 0.5 and summary["ours_step_s"] < 0.01
+    # Per pair, our speed over the partner's is its step time over ours.
+    s = bench.paired_summary([(1.0, 2.0), (2.0, 2.0), (4.0, 2.0), (1.0, 1.5)])
+    assert s["ours_step_s"] == 1.5 and s["partner_step_s"] == 2.0
+    assert s["ratio_img_per_s"] == {"q25": 0.875, "median": 1.25, "q75": 1.625}
+
+
+def test_timm_side_serves_single_steps_to_the_bench():
+    from vit22b import bench
+    cmd = [sys.executable, "-m", "vit22b.bench_timm", "--model=vit_tiny_patch16_224", "--image_size=32",
+           "--batch=2", "--steps=1"]
+    with bench.serving_partner(cmd) as step:
+        times = [step() for _ in range(3)]
+    assert all(0 < t < 60 for t in times), times
+    with pytest.raises(RuntimeError, match=r"the partner exited \(code 3\)"):
+        with bench.serving_partner([sys.executable, "-c", "import sys; sys.exit(3)"]) as step:
+            step()
+
+
+def test_pairs_need_timm_and_fail_before_compiling():
+    r = subprocess.run([sys.executable, "-m", "vit22b.bench", f"--config={CONFIGS}/vit22b_digits.py:runlocal",
+                        "--pairs=3"], cwd=REPO, capture_output=True, text=True, timeout=120, env=cpu_env())
+    assert r.returncode != 0 and "--pairs=3" in r.stderr and "--vs=timm" in r.stderr, r.stderr[-2000:]
+
+
 def test_analytic_flops_match_published_figures():
     from conftest import config
     from vit22b import bench, train

@@ -14,14 +14,16 @@ config's dtype, peak memory from XLA's compiled memory analysis, whether the hos
 (vit22b/hugepages.py) and the CPU time and page faults of each timed step (host_time_per_step: user and system
 seconds, all threads), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
 `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
-prints its line and the ratio. `--breakdown` adds where a traced step's time goes
+prints its line and the ratio; `--pairs=N` adds N single steps of each, alternated one by one (`paired`). `--breakdown` adds where a traced step's time goes
 (the median of three; vit22b/breakdown.py): matmuls and batched matmuls (time, GFLOP, GFLOP/s), the rest, idle,
 and the costliest of the rest by op name.
 """
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -108,11 +110,15 @@ def xla_forward_flops(model, image_shape):
     return float(cost.get("flops", 0.0))
 
 
-def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
+def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=None, pairs=0):
     """One result dict for `config` (see the module docstring); with `breakdown`, also where a traced step's
-    time goes (vit22b/breakdown.py)."""
+    time goes (vit22b/breakdown.py); with `pairs`, also `paired`: that many of our steps alternated one by one
+    with calls of `partner` (which runs and times one step of another implementation, in seconds)."""
     if steps < 1:
         raise ValueError(f"bench: --steps={steps}; at least one step must be timed")
+    if pairs < 0 or (pairs and partner is None):
+        raise ValueError(f"bench: --pairs={pairs}: expected 0, or a number of pairs with a partner to alternate "
+                         "with (--vs=timm)")
     config_check.validate(config)
     num_classes = 1000
     size = config.input.image_size
@@ -159,6 +165,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
                 times.append(time.perf_counter() - t)
         host_time = hugepages.per_step(before, hugepages.usage(), steps)
         measured += [meter(), meter()]
+        paired = alternate(once, partner, pairs) if pairs else None
         parts = step_breakdown.breakdown(compiled, once) if breakdown else None
     mem = compiled.memory_analysis()
     fwd_xla = xla_forward_flops(model, image_shape)
@@ -184,7 +191,34 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False):
         "mfu": round(achieved / ceiling, 3),
         "peak_memory_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
                                  - mem.alias_size_in_bytes),
-    } | ({"breakdown": parts} if breakdown else {})
+    } | ({"breakdown": parts} if breakdown else {}) | ({"paired": paired} if pairs else {})
+
+
+def alternate(ours, partner, pairs):
+    """`pairs` steps of ours and of the partner, one after the other (which goes first alternates), and the
+    summary of `paired_summary`. Hour-long swings of a shared machine's speed hit both sides of a pair alike."""
+    times = []
+    for i in range(pairs):
+        if i % 2:
+            theirs = partner()
+        t = time.perf_counter()
+        ours()
+        mine = time.perf_counter() - t
+        if not i % 2:
+            theirs = partner()
+        times.append((mine, theirs))
+    return paired_summary(times)
+
+
+def paired_summary(times):
+    """Medians of each side's step and, per pair, our speed over the partner's (its step over ours): median and
+    quartiles."""
+    ours, theirs = (np.array(x) for x in zip(*times))
+    ratios = theirs / ours
+    return {"pairs": len(times), "ours_step_s": round(float(np.median(ours)), 4),
+            "partner_step_s": round(float(np.median(theirs)), 4),
+            "ratio_img_per_s": {q: round(float(np.percentile(ratios, p)), 3)
+                                for q, p in (("q25", 25), ("median", 50), ("q75", 75))}}
 
 
 def _shape_name(model):
@@ -210,14 +244,57 @@ def timm_name(config):
     return TIMM_EQUIVALENTS[key]
 
 
+def _timm_command(config, steps, forward):
+    return [sys.executable, "-m", "vit22b.bench_timm", f"--model={timm_name(config)}",
+            f"--batch={config.input.batch_size}", f"--image_size={config.input.image_size}",
+            f"--dtype={config.model.get('dtype', 'float32')}", f"--steps={steps}"] + (["--forward"] if forward else [])
+
+
 def run_timm(config, steps, forward):
-    cmd = [sys.executable, "-m", "vit22b.bench_timm", f"--model={timm_name(config)}",
-           f"--batch={config.input.batch_size}", f"--image_size={config.input.image_size}",
-           f"--dtype={config.model.get('dtype', 'float32')}", f"--steps={steps}"] + (["--forward"] if forward else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    r = subprocess.run(_timm_command(config, steps, forward), capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
     if r.returncode:
         raise RuntimeError(f"timm benchmark failed: {r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def serving_partner(cmd):
+    """A function that times one step of `cmd --serve` (vit22b/bench_timm.py), a subprocess started at the first
+    call, after our own timed steps (its start and warm-up would overlap them), and ended on exit."""
+    proc, err = None, tempfile.TemporaryFile(mode="w+")
+
+    def fail(what):
+        err.seek(0)
+        raise RuntimeError(f"{what}: {' '.join(cmd)} --serve: {err.read()[-2000:]}")
+
+    def reply():
+        line = proc.stdout.readline()
+        if not line:
+            fail(f"the partner exited (code {proc.wait()})")
+        return json.loads(line)
+
+    def step():
+        nonlocal proc
+        if proc is None:
+            proc = subprocess.Popen(cmd + ["--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                    text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+            if "ready" not in reply():
+                fail("the partner did not say it was ready")
+        proc.stdin.write("step\n")
+        proc.stdin.flush()
+        return reply()["step_s"]
+
+    try:
+        yield step
+    finally:
+        if proc is not None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        err.close()
 
 
 def main(argv):
@@ -225,7 +302,15 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.breakdown:
         step_breakdown.require_cpu()  # before minutes of compiling
-    ours = bench(config, FLAGS.steps, FLAGS.forward, breakdown=FLAGS.breakdown)
+    if FLAGS.pairs < 0 or (FLAGS.pairs and FLAGS.vs != "timm"):
+        raise app.UsageError(f"--pairs={FLAGS.pairs}: expected 0, or a number of single steps to alternate with "
+                             "timm's (with --vs=timm)")
+    if FLAGS.vs == "timm":
+        timm_name(config)  # an unknown equivalent fails before minutes of compiling
+    partner = (serving_partner(_timm_command(config, FLAGS.steps, FLAGS.forward)) if FLAGS.pairs
+               else contextlib.nullcontext())
+    with partner as step:
+        ours = bench(config, FLAGS.steps, FLAGS.forward, breakdown=FLAGS.breakdown, partner=step, pairs=FLAGS.pairs)
     print(json.dumps(ours), flush=True)
     if FLAGS.vs == "timm":
         theirs = run_timm(config, FLAGS.steps, FLAGS.forward)
@@ -234,7 +319,8 @@ def main(argv):
         print(json.dumps(again), flush=True)
         ours["img_per_s"] = round((ours["img_per_s"] + again["img_per_s"]) / 2, 3)
         print(json.dumps({"ratio_img_per_s": round(ours["img_per_s"] / theirs["img_per_s"], 3),
-                          "ours": ours["img_per_s"], "timm": theirs["img_per_s"], "timm_model": theirs["model"]}),
+                          "ours": ours["img_per_s"], "timm": theirs["img_per_s"], "timm_model": theirs["model"]}
+                         | ({"paired": ours["paired"]} if FLAGS.pairs else {})),
               flush=True)
 
 
@@ -245,6 +331,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")
     flags.DEFINE_bool("forward", False, "Time the inference forward pass instead of the train step.")
     flags.DEFINE_enum("vs", "", ["", "timm"], "Also time the equivalent timm model (PyTorch, CPU).")
+    flags.DEFINE_integer("pairs", 0, "With --vs=timm, also alternate this many single steps of ours and timm's "
+                         "(timm in a subprocess that stays up) and report the per-pair speed ratio's median and "
+                         "quartiles: steadier than the ratio of separate runs on a machine whose speed drifts.")
     flags.DEFINE_bool("breakdown", False, "Also trace three more steps and split the median one's time among "
                       "matmuls, batched matmuls and the rest (XLA:CPU only; vit22b/breakdown.py).")
     flags.mark_flags_as_required(["config"])

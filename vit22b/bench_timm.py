@@ -2,10 +2,14 @@
 on the CPU, with the same batch, image size and dtype (bfloat16 = torch.autocast) and all CPU threads.
 
   python -m vit22b.bench_timm --model=vit_base_patch16_224 --batch=8 --image_size=224 --dtype=float32
+
+With --serve it stays up after the warm-up and times one step per line on stdin, so that `vit22b.bench --pairs`
+can alternate single steps of the two frameworks.
 """
 import argparse
 import json
 import os
+import sys
 import time
 
 from vit22b import host_cpu, hugepages
@@ -20,6 +24,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--forward", action="store_true")
+    p.add_argument("--serve", action="store_true",
+                   help="after the warm-up, print a ready line, then time one step per line read from stdin and "
+                        "print its seconds (vit22b.bench --pairs)")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps={a.steps}; at least one step must be timed")
@@ -47,6 +54,9 @@ def main(argv=None):
         opt.step()
 
     model.eval() if a.forward else model.train()
+    if a.serve:
+        serve(step, a.warmup, a.model)
+        return
     times = []
     for i in range(a.warmup + a.steps):
         if i == a.warmup:
@@ -64,6 +74,17 @@ def main(argv=None):
                       "step_s": {"median": round(step_s, 4), "min": round(float(np.min(times)), 4),
                                  "steps": len(times)},
                       "img_per_s": round(a.batch / step_s, 3), "host_time_per_step": host_time}), flush=True)
+
+
+def serve(step, warmup, name, lines=sys.stdin):
+    """Warm up, say so, then time one step for each line read until end of input."""
+    for _ in range(warmup):
+        step()
+    print(json.dumps({"ready": name}), flush=True)
+    for _ in lines:
+        t = time.perf_counter()
+        step()
+        print(json.dumps({"step_s": time.perf_counter() - t}), flush=True)
 
 
 if __name__ == "__main__":
