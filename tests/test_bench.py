@@ -4,6 +4,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -252,12 +253,24 @@ def test_timm_side_serves_single_steps_to_the_bench():
     with pytest.raises(RuntimeError, match=r"the partner exited \(code 3\)"):
         with bench.serving_partner([sys.executable, "-c", "import sys; sys.exit(3)"]) as step:
             step()
+    # One that dies after answering a step: the next write meets a broken pipe, reported the same way.
+    once = "import json, sys; print(json.dumps({'ready': 1}), flush=True); sys.stdin.readline(); " \
+           "print(json.dumps({'step_s': 0.25}), flush=True); sys.exit(4)"
+    with pytest.raises(RuntimeError, match=r"the partner exited \(code 4\)"):
+        with bench.serving_partner([sys.executable, "-c", once]) as step:
+            assert step() == 0.25
+            time.sleep(0.5)
+            step()
+    with pytest.raises(RuntimeError, match=r"answered 'hello'"):
+        with bench.serving_partner([sys.executable, "-c", "print('hello')"]) as step:
+            step()
 
 
-def test_pairs_need_timm_and_fail_before_compiling():
+def test_pairs_need_timm_and_fail_before_benchmarking():
     r = subprocess.run([sys.executable, "-m", "vit22b.bench", f"--config={CONFIGS}/vit22b_digits.py:runlocal",
                         "--pairs=3"], cwd=REPO, capture_output=True, text=True, timeout=120, env=cpu_env())
     assert r.returncode != 0 and "--pairs=3" in r.stderr and "--vs=timm" in r.stderr, r.stderr[-2000:]
+    assert "{" not in r.stdout  # no result line: it stopped before timing anything
 
 
 def test_analytic_flops_match_published_figures():

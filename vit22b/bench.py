@@ -165,8 +165,8 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
                 times.append(time.perf_counter() - t)
         host_time = hugepages.per_step(before, hugepages.usage(), steps)
         measured += [meter(), meter()]
-        paired = alternate(once, partner, pairs) if pairs else None
         parts = step_breakdown.breakdown(compiled, once) if breakdown else None
+        paired = alternate(once, partner, pairs) if pairs else None  # last: the partner then stays up idle
     mem = compiled.memory_analysis()
     fwd_xla = xla_forward_flops(model, image_shape)
     fwd_analytic = analytic_forward_flops(config, model, num_classes, channels)
@@ -268,34 +268,40 @@ def serving_partner(cmd):
         err.seek(0)
         raise RuntimeError(f"{what}: {' '.join(cmd)} --serve: {err.read()[-2000:]}")
 
-    def reply():
+    def reply(key):
         line = proc.stdout.readline()
         if not line:
             fail(f"the partner exited (code {proc.wait()})")
-        return json.loads(line)
+        try:
+            return json.loads(line)[key]
+        except (ValueError, TypeError, KeyError):
+            fail(f"the partner answered {line.strip()[:200]!r}, not a JSON line with {key!r}")
 
     def step():
         nonlocal proc
         if proc is None:
             proc = subprocess.Popen(cmd + ["--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                     text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-            if "ready" not in reply():
-                fail("the partner did not say it was ready")
-        proc.stdin.write("step\n")
-        proc.stdin.flush()
-        return reply()["step_s"]
+            reply("ready")
+        try:
+            proc.stdin.write("step\n")
+            proc.stdin.flush()
+        except OSError:  # a broken pipe: it died since its last answer
+            fail(f"the partner exited (code {proc.wait()})")
+        return reply("step_s")
 
     try:
         yield step
     finally:
         if proc is not None:
-            proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         err.close()
-
 
 def main(argv):
     del argv
