@@ -1,5 +1,5 @@
-"""The hand-written VJPs behind the CPU speed work (vit22b/models/layers.py) compute what autodiff of the plain
-formula computes, and the compiled bf16 train step keeps its matmuls in bf16."""
+"""The hand-written VJPs behind the CPU speed work (vit22b/models/layers.py and attention.py) compute what
+autodiff of the plain formula computes, and the compiled bf16 train step keeps its matmuls in bf16."""
 import re
 
 import flax.linen as nn
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vit22b import models
-from vit22b.models import layers
+from vit22b.models import attention, layers
 
 R = np.random.default_rng(0)
 
@@ -36,7 +36,7 @@ def assert_same_value_and_grads(ours, ref, args, atol):
 @pytest.mark.parametrize("chunks", [1, 3, None])  # None: cpu_batch_chunks, 1 slice for this small problem
 def test_attention_matches_autodiff_of_the_formula(chunks):
     q, k, v = rand(6, 7, 3, 4), rand(6, 7, 3, 4), rand(6, 7, 3, 4)
-    assert_same_value_and_grads(lambda q, k, v: layers.attend(q, k, v, jnp.float32, batch_chunks=chunks),
+    assert_same_value_and_grads(lambda q, k, v: attention.attend(q, k, v, jnp.float32, batch_chunks=chunks),
                                 reference_attention, (q, k, v), atol=1e-5)
 
 
@@ -56,7 +56,7 @@ def test_cosine_attention_matches_autodiff_of_the_formula(chunks):
     # 6 = 2 images x 3 windows; bias [windows, heads, q, k] as Swin builds it (position bias + shift mask).
     t, scale, bias = rand(6, 7, 3 * 3 * 4), jnp.asarray([0.5, 3.0, 10.0]), rand(3, 3, 7, 7)
     assert_same_value_and_grads(
-        lambda t, s, b: layers.cosine_attention(t, s, b, 3, batch_chunks=chunks),
+        lambda t, s, b: attention.cosine_attention(t, s, b, 3, batch_chunks=chunks),
         lambda t, s, b: reference_cosine_attention(t, s, b, 3), (t, scale, bias), atol=2e-5)
 
 
@@ -65,7 +65,7 @@ def test_cosine_attention_in_bf16_follows_float32():
     t, bias, g = (jnp.asarray(r.standard_normal(s), jnp.float32) for s in ((6, 16, 48), (3, 2, 16, 16), (6, 16, 16)))
     scale = jnp.asarray([2.0, 10.0])
     def value_and_grads(t, dtype):
-        f = lambda t, s, b: jnp.sum(layers.cosine_attention(t.astype(dtype), s, b, 2).astype(jnp.float32) * g)
+        f = lambda t, s, b: jnp.sum(attention.cosine_attention(t.astype(dtype), s, b, 2).astype(jnp.float32) * g)
         return jax.jit(jax.value_and_grad(f, (0, 1, 2)))(t, scale, bias)
     (v16, g16), (v32, g32) = value_and_grads(t, jnp.bfloat16), value_and_grads(t, jnp.float32)
     assert g16[0].dtype == jnp.float32 and g16[1].dtype == g16[2].dtype == jnp.float32
@@ -76,14 +76,14 @@ def test_cosine_attention_in_bf16_follows_float32():
 
 def test_batch_chunks_keep_whole_bias_groups():
     big = 1 << 30  # score elements: no size limit
-    c = layers.cpu_batch_chunks
+    c = attention.cpu_batch_chunks
     assert c(8, 1, big) == 8 and c(6, 1, big) == 2 and c(7, 1, big) == 1
     assert c(512, 64, big) == 8 and c(128, 64, big) == 2 and c(6, 3, big) == 2 and c(3, 3, big) == 1
     # Slices keep at least MIN_SLICE_SCORES score elements: ViT-B/16 at batch 8 takes 8, a tiny model none.
     assert c(8, 1, 8 * 12 * 197 * 197) == 8 and c(8, 1, 8 * 12 * 128 * 128) == 4 and c(8, 1, 8 * 4 * 65 * 65) == 1
     with pytest.raises(ValueError, match="batch_chunks=3 must split the batch of 6 into whole multiples of the "
                                          "bias's 3 groups"):
-        layers.cosine_attention(rand(6, 7, 36), jnp.ones(3), rand(3, 3, 7, 7), 3, batch_chunks=3)
+        attention.cosine_attention(rand(6, 7, 36), jnp.ones(3), rand(3, 3, 7, 7), 3, batch_chunks=3)
 
 
 # tree=True: the float32 row sums as a tree of adds, as the ViT qk-norms take them; None: XLA's reduction.

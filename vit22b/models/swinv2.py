@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.layers import Dense, Norm, PatchEmbed, add_bias, cosine_attention, gelu
+from vit22b.models.attention import cosine_attention
+from vit22b.models.layers import Dense, Norm, PatchEmbed, add_bias, gelu
 from vit22b.models.vit import REMAT_POLICIES
 
 Dtype = Any

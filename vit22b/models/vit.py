@@ -17,8 +17,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vit22b import collective, sharding
-from vit22b.models.layers import (Dense, Norm, NormParams, PatchEmbed, add_bias, attend, concatenate, dense, gelu,
-                                  normalize, split)
+from vit22b.models.attention import attend
+from vit22b.models.layers import (Dense, Norm, NormParams, PatchEmbed, add_bias, concatenate, dense, gelu, normalize,
+                                  split)
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
 # 22B from arXiv 2302.05442 (mlp = 4 * width reproduces its 21.74B parameters).
