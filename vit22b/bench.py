@@ -14,9 +14,9 @@ config's dtype, peak memory from XLA's compiled memory analysis, whether the hos
 (vit22b/hugepages.py) and the CPU time and page faults of each timed step (host_time_per_step: user and system
 seconds, all threads), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
 `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
-prints its line and the ratio; `--pairs=N` adds N single steps of each, alternated one by one (`paired`). `--breakdown` adds where a traced step's time goes
-(the median of three; vit22b/breakdown.py): matmuls and batched matmuls (time, GFLOP, GFLOP/s), the rest, idle,
-and the costliest of the rest by op name.
+prints its line and the ratio; `--pairs=N` adds N single steps of each, alternated one by one (`paired`).
+`--breakdown` adds where a traced step's time goes (the median of three; vit22b/breakdown.py): matmuls and
+batched matmuls (time, GFLOP, GFLOP/s), the rest, idle, and the costliest of the rest by op name.
 """
 import contextlib
 import json
@@ -302,6 +302,7 @@ def serving_partner(cmd):
                 proc.kill()
                 proc.wait()
         err.close()
+
 
 def main(argv):
     del argv
