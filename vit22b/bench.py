@@ -309,7 +309,7 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.breakdown:
         step_breakdown.require_cpu()  # before minutes of compiling
-    if FLAGS.pairs < 0 or (FLAGS.pairs and FLAGS.vs != "timm"):
+    if FLAGS.pairs and FLAGS.vs != "timm":  # bench() checks the number itself
         raise app.UsageError(f"--pairs={FLAGS.pairs}: expected 0, or a number of single steps to alternate with "
                              "timm's (with --vs=timm)")
     if FLAGS.vs == "timm":

@@ -76,12 +76,12 @@ def main(argv=None):
                       "img_per_s": round(a.batch / step_s, 3), "host_time_per_step": host_time}), flush=True)
 
 
-def serve(step, warmup, name, lines=sys.stdin):
-    """Warm up, say so, then time one step for each line read until end of input."""
+def serve(step, warmup, name):
+    """Warm up, say so, then time one step for each line read from stdin until its end."""
     for _ in range(warmup):
         step()
     print(json.dumps({"ready": name}), flush=True)
-    for _ in lines:
+    for _ in sys.stdin:
         t = time.perf_counter()
         step()
         print(json.dumps({"step_s": time.perf_counter() - t}), flush=True)
