@@ -1,6 +1,9 @@
 """vit22b: ViT-22B and Swin Transformer V2 in JAX/Flax."""
 from setuptools import find_packages, setup
 
+MIMALLOC = ("cmeel-mimalloc>=3.2,<4; platform_system == 'Linux' and "
+            "(platform_machine == 'x86_64' or platform_machine == 'aarch64')")
+
 setup(
     name="vit22b",
     version="0.1.0",
@@ -21,13 +24,13 @@ setup(
         "numpy>=1.26",
         "scikit-learn>=1.4",  # ships the bundled digits dataset
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
-        # The allocator the entry points preload on a CPU host (vit22b/hugepages.py): wheels for Linux with
-        # glibc >= 2.28 on x86-64 and ARM.
-        "cmeel-mimalloc>=3.2,<4; platform_system == 'Linux' and "
-        "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
     ],
     extras_require={
+        # CPU hosts: an allocator that keeps freed memory, for the opt-in `eval "$(python -m vit22b.hugepages)"`
+        # (wheels for Linux with glibc >= 2.28 on x86-64 and ARM).
+        "cpu": [MIMALLOC],
         "test": [
+            MIMALLOC,  # the opt-in's tests
             "pytest>=8",
             "pytest-xdist>=3.5",  # the suite runs on 2 workers (README's test command)
             "nbformat>=5.9",

@@ -69,6 +69,8 @@ def get_config(arg=None):
     c.model.drop_path_rate = ml_collections.FieldReference(0.0 if a.runlocal else None, field_type=float)
     c.model.attn_chunks = 1       # >1: the paper's sequential self-attention in the first two stages
     c.model.remat_policy = "none"  # "full": per-block activation checkpointing
+    c.model.impl = "reference"  # "cpu": the opt-in XLA:CPU kernels (vit22b/models/cpu/)
+    c.model.attention_impl = "auto"  # "xla" | "cudnn" (vit22b/models/attention.py)
     c.model.scan = True
     c.model.dtype = "float32" if a.runlocal else "bfloat16"
     c.model.param_dtype = "float32"

@@ -56,6 +56,8 @@ def get_config(arg=None):
     c.model.parallel_linear = "xla"  # or "collective": ring matmuls over the mesh's model axis
     c.model.collective_ring = "bidirectional"
     c.model.remat_policy = "none"
+    c.model.impl = "reference"  # "cpu": the opt-in XLA:CPU kernels (vit22b/models/cpu/)
+    c.model.attention_impl = "auto"  # "xla" | "cudnn" (vit22b/models/attention.py)
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
 

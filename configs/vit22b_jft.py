@@ -64,6 +64,8 @@ def get_config(arg=None):
     c.model.parallel_linear = "collective"
     c.model.collective_ring = "bidirectional"
     c.model.remat_policy = "none" if a.runlocal else "dots_no_batch"
+    c.model.impl = "reference"  # "cpu": the opt-in XLA:CPU kernels (vit22b/models/cpu/)
+    c.model.attention_impl = "auto"  # "xla" | "cudnn" (vit22b/models/attention.py)
     c.model.dtype = "float32" if a.runlocal else "bfloat16"
     c.model.param_dtype = "float32"
 

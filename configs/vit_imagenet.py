@@ -72,6 +72,8 @@ def get_config(arg=None):
     c.model.posemb = "learn"
     c.model.scan = True
     c.model.remat_policy = "none"
+    c.model.impl = "reference"  # "cpu": the opt-in XLA:CPU kernels (vit22b/models/cpu/)
+    c.model.attention_impl = "auto"  # "xla" | "cudnn" (vit22b/models/attention.py)
     c.model.dtype = "float32" if a.runlocal else "bfloat16"
     c.model.param_dtype = "float32"
 

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from conftest import CONFIGS, REPO, cpu_env
-from vit22b import host_cpu, hugepages
+from vit22b import hugepages
+from vit22b import host_cpu
 
 
 def _json_lines(cmd):
@@ -35,13 +36,10 @@ def test_bench_prints_a_sane_json_line():
     assert c["float32"] > 1 and c["bfloat16"] > 1
     assert abs(row["mfu"] - row["achieved_gflop_per_s"] / c["float32"]) < 0.002 and 0 < row["mfu"] < 1.5
     assert row["peak_memory_bytes"] > 0
-    # Which CPU measured it, and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
+    # Which CPU measured it, and how the CPU kernels would multiply bf16 on it (vit22b/host_cpu.py).
     assert row["host_cpu"] == host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode("cpu")} and row["host_cpu"]["model"]
-    # The command re-executed itself with huge pages for the allocator, where this machine supports them.
-    choice = hugepages.allocator_choice(os.environ)
-    preloaded = None if choice == "system" else hugepages.find_allocator(choice)
-    assert row["host_memory"] == {"allocator": (preloaded or ("system",))[0],
-                                  "malloc_hugetlb": hugepages_supported(), "thp": hugepages.thp_mode()}
+    # The command ran as launched (no re-exec): the allocator and huge pages of this environment, as it reports them.
+    assert row["host_memory"] == hugepages.status() and row["impl"] == "reference"
     _check_host_time(row)
 
 
@@ -58,11 +56,17 @@ def hugepages_supported():
     return (hugepages.glibc_version() or (0, 0)) >= (2, 35) and hugepages.thp_mode() not in (None, "never")
 
 
-# Allocates and touches 256 MiB through malloc after the entry points' re-exec, and prints the page faults.
+def run_opted_in(script, env):
+    """`script` in a Python started as the opt-in says: eval "$(python -m vit22b.hugepages)" first."""
+    python = shlex.quote(sys.executable)
+    return subprocess.run(["bash", "-c", f'x=$({python} -m vit22b.hugepages) && eval "$x" && exec {python} -c '
+                           + shlex.quote(script)], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+
+
+# Allocates and touches 256 MiB through malloc in a process started with the opt-in, and prints the page faults.
 FAULTS = """
 import ctypes, resource, sys
-from vit22b import host_cpu, hugepages
-hugepages.reexec_with_fast_allocator()
+from vit22b import hugepages
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 n = 256 << 20
@@ -74,10 +78,9 @@ print(hugepages.status()["malloc_hugetlb"], resource.getrusage(resource.RUSAGE_S
 
 
 @pytest.mark.skipif(not hugepages_supported(), reason="needs glibc >= 2.35 and a kernel with transparent huge pages")
-def test_reexec_with_huge_pages_cuts_page_faults():
+def test_opting_in_to_huge_pages_cuts_page_faults():
     def faults(**env):
-        r = subprocess.run([sys.executable, "-c", FAULTS], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env=_allocator_env("system") | env)
+        r = run_opted_in(FAULTS, _allocator_env("system") | env)
         assert r.returncode == 0, r.stderr[-2000:]
         on, n = r.stdout.split()
         return on == "True", int(n)
@@ -88,7 +91,7 @@ def test_reexec_with_huge_pages_cuts_page_faults():
     assert off > 60_000 and on < off / 20, (off, on)  # 4 KiB pages: 65,536 faults; 2 MiB pages: 128
 
 
-def test_the_reexec_plans_huge_pages_and_an_allocator_once():
+def test_the_opt_in_plans_huge_pages_and_an_allocator_once():
     mi, tc = ("mimalloc", "/venv/cmeel.prefix/lib/libmimalloc.so.3"), ("tcmalloc", "libtcmalloc_minimal.so.4")
     huge = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     settings = {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
@@ -102,7 +105,7 @@ def test_the_reexec_plans_huge_pages_and_an_allocator_once():
 
     both = plan({})
     assert both == {**huge, "LD_PRELOAD": tc[1]} and looked == [None]
-    assert plan(both) == {} and len(looked) == 1  # after the re-exec: nothing, no lookup
+    assert plan(both) == {} and len(looked) == 1  # once exported: nothing more, no lookup
     with_mi = plan({}, installed=(mi,))
     assert with_mi == {**huge, "LD_PRELOAD": mi[1], **settings}
     assert plan(with_mi) == {} and len(looked) == 2
@@ -123,7 +126,7 @@ def test_the_reexec_plans_huge_pages_and_an_allocator_once():
         plan({"VIT22B_ALLOCATOR": "jemalloc"})
     with pytest.raises(RuntimeError, match="VIT22B_ALLOCATOR=tcmalloc, but it is not installed"):
         plan({"VIT22B_ALLOCATOR": "tcmalloc"}, installed=(mi,))
-    with pytest.raises(ValueError, match="VIT22B_ALLOCATOR='jemalloc'"):  # checked even with the re-exec off
+    with pytest.raises(ValueError, match="VIT22B_ALLOCATOR='jemalloc'"):  # checked even with the opt-in off
         plan({"VIT22B_ALLOCATOR": "jemalloc", "VIT22B_HUGE_PAGES": "0"})
     # A choice that the environment contradicts (a shell that evaluated `python -m vit22b.hugepages` earlier)
     assert plan({"VIT22B_ALLOCATOR": "tcmalloc", "LD_PRELOAD": tc[1]}) == huge  # agrees: nothing more to do
@@ -138,10 +141,10 @@ def test_the_reexec_plans_huge_pages_and_an_allocator_once():
         plan({"VIT22B_ALLOCATOR": "mimalloc"}, installed=(spaced,))
 
 
-def test_the_mimalloc_wheel_is_found_where_it_is_a_dependency():
+def test_the_mimalloc_wheel_is_found_where_it_is_installed():
     import platform
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
-        pytest.skip("cmeel-mimalloc is a dependency on Linux x86-64 and aarch64 only (setup.py)")
+        pytest.skip("cmeel-mimalloc (the cpu and test extras) has wheels for Linux x86-64 and aarch64 only")
     library = hugepages.find_mimalloc()
     assert library and os.path.isfile(library) and "libmimalloc.so." in os.path.basename(library), library
 
@@ -158,12 +161,11 @@ def test_find_allocator_prefers_tcmalloc_then_the_mimalloc_wheel(monkeypatch):
     assert hugepages.find_allocator() is None
 
 
-# Mallocs, touches and frees 256 MiB twice after the entry points' re-exec; prints the allocator and the page
-# faults of each round.
+# Mallocs, touches and frees 256 MiB twice in a process started with the opt-in; prints the allocator and the
+# page faults of each round.
 REUSE = """
 import ctypes, resource
 from vit22b import hugepages
-hugepages.reexec_with_fast_allocator()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -187,13 +189,12 @@ def _allocator_env(choice):
 
 
 @pytest.mark.parametrize("allocator", ["tcmalloc", "mimalloc"])
-def test_reexec_preloads_an_allocator_which_reuses_a_freed_block(allocator):
-    if hugepages.find_allocator(allocator) is None:  # mimalloc comes with vit22b on Linux; tcmalloc from apt
+def test_the_opt_in_preloads_an_allocator_which_reuses_a_freed_block(allocator):
+    if hugepages.find_allocator(allocator) is None:  # mimalloc: the test extra on Linux; tcmalloc from apt
         pytest.skip(f"{allocator} is not installed (tcmalloc: apt install libtcmalloc-minimal4)")
 
     def run(choice):
-        r = subprocess.run([sys.executable, "-c", REUSE], cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env=_allocator_env(choice))
+        r = run_opted_in(REUSE, _allocator_env(choice))
         assert r.returncode == 0, r.stderr[-2000:]
         name, first, second = r.stdout.split()
         return name, int(first), int(second)

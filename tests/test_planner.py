@@ -41,3 +41,17 @@ def test_dry_run_of_vit22b_on_a_64_device_mesh(tmp_path):
     b = plan["bytes_per_device"]
     assert 0 < b["temporaries"] and b["total"] == b["parameters"] + b["optimizer"] + b["temporaries"]
     assert plan["fits"] == (b["total"] <= 32 * 2 ** 30)
+
+
+def test_dry_run_plans_the_reference_program(tmp_path, monkeypatch):
+    """The planning host is a CPU; the plan is of what an accelerator runs: the reference layers, also when the
+    config asks for the CPU kernels (and whatever this CPU's bf16 instructions)."""
+    from conftest import config
+    from vit22b import planner, train
+    seen = []
+    real = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda c, n: seen.append(c.model.impl) or real(c, n))
+    monkeypatch.setenv("VIT22B_BF16_DOTS", "float32")
+    c = config("vit22b_digits", **{"model.impl": "cpu", "model.dtype": "bfloat16"})
+    result = planner.plan(c, str(tmp_path))
+    assert seen == ["reference"] and result["impl"] == "reference" and c.model.impl == "cpu"

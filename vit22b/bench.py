@@ -15,6 +15,9 @@ config's dtype, peak memory from XLA's compiled memory analysis, whether the hos
 seconds, all threads), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
 `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
 prints its line and the ratio; `--pairs=N` adds N single steps of each, alternated one by one (`paired`).
+`--vs_impl=IMPL --pairs=N` alternates N single steps with the same config at model.impl=IMPL, compiled in this
+process (e.g. the XLA:CPU kernels against the reference: --config.model.impl=cpu --vs_impl=reference); repeated,
+each round steps ours and every IMPL once, in rotating order, and `paired` holds one summary per IMPL.
 `--breakdown` adds where a traced step's time goes (the median of three; vit22b/breakdown.py): matmuls and
 batched matmuls (time, GFLOP, GFLOP/s), the rest, idle, and the costliest of the rest by op name.
 """
@@ -32,16 +35,16 @@ import numpy as np
 from absl import app, flags
 
 from vit22b import breakdown as step_breakdown
-from vit22b import config_check, host_cpu, hugepages, planner, sharding, train
-from vit22b.models import layers
+from vit22b import config_check, hugepages, models, planner, sharding, train
+from vit22b import host_cpu
 
 FLAGS = flags.FLAGS
 
 
 def ceiling_meter(n=None, reps=3):
     """A function measuring the matmul ceilings now: GFLOP/s of an n x n x n matmul in float32 and in bfloat16
-    accumulated in float32, the bf16 one computed as the models' dense layers compute it (as float32 on a CPU
-    without bf16 instructions, vit22b/host_cpu.py). n defaults to 2048 on a CPU and 8192 on an accelerator, where
+    accumulated in float32 (as the CPU kernels compute it with impl='cpu': as float32 on a CPU without bf16
+    instructions, vit22b/host_cpu.py). n defaults to 2048 on a CPU and 8192 on an accelerator, where
     a smaller product would not fill the chip.
 
     Both products are compiled here, once. The bench measures before and after the timed steps, never between
@@ -51,9 +54,10 @@ def ceiling_meter(n=None, reps=3):
     n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     host = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     upcast = host_cpu.bf16_dots_mode(jax.default_backend()) == "float32"
+    bf16 = ((lambda x, y: jnp.dot(x.astype(jnp.float32), y.astype(jnp.float32))) if upcast
+            else (lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)))
     products = {"float32": (jnp.float32, jax.jit(lambda x, y: jnp.dot(x, y))),
-                "bfloat16": (jnp.bfloat16, jax.jit(lambda x, y: layers.low_precision_einsum("ij,jk->ik", x, y,
-                                                                                              upcast)))}
+                "bfloat16": (jnp.bfloat16, jax.jit(bf16))}
 
     def measure():
         out = {}
@@ -118,7 +122,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         raise ValueError(f"bench: --steps={steps}; at least one step must be timed")
     if pairs < 0 or (pairs and partner is None):
         raise ValueError(f"bench: --pairs={pairs}: expected 0, or a number of pairs with a partner to alternate "
-                         "with (--vs=timm)")
+                         "with (--vs=timm or --vs_impl)")
     config_check.validate(config)
     num_classes = 1000
     size = config.input.image_size
@@ -166,7 +170,10 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         host_time = hugepages.per_step(before, hugepages.usage(), steps)
         measured += [meter(), meter()]
         parts = step_breakdown.breakdown(compiled, once) if breakdown else None
-        paired = alternate(once, partner, pairs) if pairs else None  # last: the partner then stays up idle
+        if pairs and isinstance(partner, dict):  # several model.impl partners, in rounds
+            paired = {name: summary for name, summary in rotate(once, partner, pairs).items()}
+        else:
+            paired = alternate(once, partner, pairs) if pairs else None  # last: the partner then stays up idle
     mem = compiled.memory_analysis()
     fwd_xla = xla_forward_flops(model, image_shape)
     fwd_analytic = analytic_forward_flops(config, model, num_classes, channels)
@@ -179,6 +186,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
     return {
         "framework": "vit22b", "model": config.get("model_name", "vit"),
         "variant": config.model.get("variant") or _shape_name(model), "mode": "forward" if forward else "train",
+        "impl": str(config.model.get("impl", "reference")),
         "batch": batch, "image_size": size, "dtype": dtype, "param_dtype": str(config.model.get("param_dtype", "float32")),
         "devices": jax.device_count(), "threads": os.cpu_count(), "host_memory": hugepages.status(),
         "host_cpu": host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode(jax.default_backend())},
@@ -192,6 +200,39 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         "peak_memory_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
                                  - mem.alias_size_in_bytes),
     } | ({"breakdown": parts} if breakdown else {}) | ({"paired": paired} if pairs else {})
+
+
+def impl_partner(config, impl):
+    """A function that times one train step of `config` at model.impl=`impl` (in seconds), built, initialised and
+    compiled at its first call, inside the caller's mesh and rules (as `bench`'s own step)."""
+    step = None
+
+    def once():
+        nonlocal step
+        if step is None:
+            other = config.copy_and_resolve_references()
+            other.model.impl = impl
+            model = train.build_model(other, 1000)
+            mesh = sharding.make_mesh(other.get("mesh", "data:-1"))
+            size = other.input.image_size
+            state, shardings, tx, lr_fn = train.create_train_state(model, other, mesh, (size, size, 3))
+            rng = np.random.default_rng(1)
+            batch = other.input.batch_size
+            data = train.to_device({"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+                                    "label": rng.integers(0, 1000, batch).astype(np.int32),
+                                    "mask": np.ones(batch, np.float32)}, mesh)
+            compiled = train.make_train_step(model, tx, lr_fn, other, shardings, mesh, norms=False).lower(
+                state, data).compile()
+            step = [compiled, state, data]
+            for _ in range(2):  # warm-up
+                step[1], metrics = compiled(step[1], data)
+                jax.block_until_ready(metrics)
+        t = time.perf_counter()
+        step[1], metrics = step[0](step[1], step[2])
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - t
+
+    return once
 
 
 def alternate(ours, partner, pairs):
@@ -208,6 +249,26 @@ def alternate(ours, partner, pairs):
             theirs = partner()
         times.append((mine, theirs))
     return paired_summary(times)
+
+
+def rotate(ours, partners, rounds):
+    """`rounds` rounds of one step each of ours and of every partner ({name: function returning its step time}),
+    the order rotating from round to round; `paired_summary` of ours against each partner, by name."""
+    names = list(partners)
+    times = {n: [] for n in names}
+    for i in range(rounds):
+        order = (["ours"] + names)[i % (len(names) + 1):] + (["ours"] + names)[:i % (len(names) + 1)]
+        took = {}
+        for n in order:
+            if n == "ours":
+                t = time.perf_counter()
+                ours()
+                took[n] = time.perf_counter() - t
+            else:
+                took[n] = partners[n]()
+        for n in names:
+            times[n].append((took["ours"], took[n]))
+    return {n: paired_summary(times[n]) for n in names}
 
 
 def paired_summary(times):
@@ -309,13 +370,25 @@ def main(argv):
     config = FLAGS.config
     if FLAGS.breakdown:
         step_breakdown.require_cpu()  # before minutes of compiling
-    if FLAGS.pairs and FLAGS.vs != "timm":  # bench() checks the number itself
+    if FLAGS.vs and FLAGS.vs_impl:
+        raise app.UsageError("--vs=timm and --vs_impl: one partner at a time")
+    if FLAGS.pairs and not (FLAGS.vs == "timm" or FLAGS.vs_impl):  # bench() checks the number itself
         raise app.UsageError(f"--pairs={FLAGS.pairs}: expected 0, or a number of single steps to alternate with "
-                             "timm's (with --vs=timm)")
+                             "timm's (with --vs=timm) or another model.impl's (with --vs_impl)")
+    if FLAGS.vs_impl and (FLAGS.forward or not FLAGS.pairs):
+        raise app.UsageError("--vs_impl: alternates train steps; give --pairs=N and no --forward")
+    for impl in FLAGS.vs_impl or ():  # a bad --vs_impl fails before minutes of compiling
+        models.resolve(config.get("model_name", "vit"), dict(config.model, impl=impl), 1000, config.input.image_size)
     if FLAGS.vs == "timm":
         timm_name(config)  # an unknown equivalent fails before minutes of compiling
-    partner = (serving_partner(_timm_command(config, FLAGS.steps, FLAGS.forward)) if FLAGS.pairs
-               else contextlib.nullcontext())
+    if FLAGS.vs_impl and len(FLAGS.vs_impl) == 1:
+        partner = contextlib.nullcontext(impl_partner(config, FLAGS.vs_impl[0]))
+    elif FLAGS.vs_impl:
+        partner = contextlib.nullcontext({impl: impl_partner(config, impl) for impl in FLAGS.vs_impl})
+    elif FLAGS.pairs:
+        partner = serving_partner(_timm_command(config, FLAGS.steps, FLAGS.forward))
+    else:
+        partner = contextlib.nullcontext()
     with partner as step:
         ours = bench(config, FLAGS.steps, FLAGS.forward, breakdown=FLAGS.breakdown, partner=step, pairs=FLAGS.pairs)
     print(json.dumps(ours), flush=True)
@@ -332,7 +405,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    hugepages.reexec_with_fast_allocator()  # ours and timm's subprocess alike: see vit22b/hugepages.py
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file with optional ':ARGS'.", lock_config=False)
     flags.DEFINE_integer("steps", 5, "Timed steps (after 2 warm-up steps).")
@@ -341,6 +413,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("pairs", 0, "With --vs=timm, also alternate this many single steps of ours and timm's "
                          "(timm in a subprocess that stays up) and report the per-pair speed ratio's median and "
                          "quartiles: steadier than the ratio of separate runs on a machine whose speed drifts.")
+    flags.DEFINE_multi_string("vs_impl", [], "With --pairs, alternate single train steps with the same config at "
+                              "this model.impl (e.g. 'reference', 'cpu', 'cpu:-gelu'), compiled in this process; "
+                              "repeated, in rounds with each, the order rotating (`paired` by model.impl).")
     flags.DEFINE_bool("breakdown", False, "Also trace three more steps and split the median one's time among "
                       "matmuls, batched matmuls and the rest (XLA:CPU only; vit22b/breakdown.py).")
     flags.mark_flags_as_required(["config"])

@@ -1,4 +1,5 @@
-"""The host CPU's model and whether it multiplies bf16 matrices in hardware, which decides how `dense` runs bf16.
+"""The host CPU's model and whether it multiplies bf16 matrices in hardware, which decides how the opt-in CPU
+kernels' `dense` (vit22b/models/cpu/layers.py, model.impl='cpu') runs bf16; the bench reports both.
 
 XLA:CPU's bf16 x bf16 -> float32 dot is fast only where the CPU has bf16 dot-product instructions (x86
 AVX512-BF16 or AMX-BF16, Arm's BF16 extension). Measured on an AMD EPYC without them (Zen 3, 2 cores,
@@ -6,7 +7,7 @@ AVX512-BF16 or AMX-BF16, Arm's BF16 extension). Measured on an AMD EPYC without 
 multiplying in float32 ran at 113-156 GFLOP/s on the ViT-B/16 layer shapes. On the Zen 4 the README's table was
 measured on, the bf16 dot runs at about 390 GFLOP/s, twice float32's speed.
 
-`layers.dense` therefore multiplies bf16 operands as float32 on a CPU whose /proc/cpuinfo lists none of those
+That `dense` therefore multiplies bf16 operands as float32 on a CPU whose /proc/cpuinfo lists none of those
 instructions. The result is the same to float32 rounding: a product of two bf16 numbers is exact in float32, and
 both forms accumulate in float32. VIT22B_BF16_DOTS=native or =float32 overrides the choice; where the CPU cannot
 be read (no /proc/cpuinfo), bf16 dots stay native.

@@ -1,39 +1,30 @@
-"""The host allocator of the command-line entry points: huge pages, and an allocator that keeps freed memory.
+"""An opt-in for CPU hosts: huge pages and an allocator that keeps freed memory, as `export` lines for a shell.
+
+  eval "$(python -m vit22b.hugepages)"      # then python -m vit22b.main ..., jupyter lab, ...
 
 XLA:CPU mallocs each step's temporaries afresh, as one block (1.4 GB for ViT-B/16's float32 train step at batch
-8), and frees it when the step ends. glibc serves blocks over 32 MiB with new mmaps and unmaps them when they
-are freed, so every step faults its temporaries back in and the kernel zeroes each of their pages again.
+8), and frees it when the step ends. glibc serves blocks over 32 MiB with new mmaps and unmaps them when they are
+freed, so every step faults its temporaries back in and the kernel zeroes each page again (up to 0.7-1.1 s of
+system CPU per ViT-B/16 float32 step on a 2-core Zen 3; docs/cpu_kernels.md has the measurements).
 
 - glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) marks those mappings for transparent huge
-  pages, so each fault brings in 2 MiB: SwinV2-T in float32 at batch 8 took 527k faults per step, 3k with it,
-  and its steps were 3-12% faster. The zeroing remains: 0.7 s of system CPU per 7.4 s ViT-B/16 float32 step on
-  a 2-core Zen 3 (README, Performance).
-- tcmalloc and mimalloc keep freed blocks for the next request, so the next step reuses memory that is already
-  mapped: ViT-B/16 float32 on that Zen 3, 0.7-1.1 s of system CPU per step down to 0.00-0.06 s. The entry
-  points preload an installed tcmalloc (`libtcmalloc_minimal.so.4` or `libtcmalloc.so.4`; Debian and Ubuntu:
-  `apt install libtcmalloc-minimal4`), else mimalloc from the `cmeel-mimalloc` wheel (a dependency of vit22b
-  on Linux, so that no root is needed), told to keep freed memory (`MIMALLOC_PURGE_DELAY=-1`; by default it
-  decommits it after 10 ms) and to use huge pages (`MIMALLOC_ALLOW_LARGE_OS_PAGES=1`). Both hold about one
-  more block resident than glibc, and both grow once in most runs, in one step that takes seconds of system
-  CPU; tcmalloc first because it held less (resident after a ViT-B/16 float32 step: 4.4-4.5 GB against
-  mimalloc's 5.1 after its growth, glibc's 1.7-3.1). Nothing is preloaded when LD_PRELOAD names an allocator
-  already. glibc can be made to keep freed memory too, but then the process grew by a block every few steps
-  (README).
+  pages, so each fault brings in 2 MiB instead of 4 KiB.
+- tcmalloc (`libtcmalloc_minimal.so.4`; Debian and Ubuntu: `apt install libtcmalloc-minimal4`) or mimalloc
+  (`pip install 'vit22b[cpu]'`, the `cmeel-mimalloc` wheel) keep freed blocks for the next request; mimalloc is
+  told to keep freed memory (`MIMALLOC_PURGE_DELAY=-1`) and to use huge pages (`MIMALLOC_ALLOW_LARGE_OS_PAGES=1`).
+  tcmalloc is preferred where both are installed (it held less memory resident).
 
-Tunables and LD_PRELOAD are read only when a process starts, so `python -m vit22b.main` and
-`python -m vit22b.bench` re-execute themselves once with them set. VIT22B_HUGE_PAGES=0 turns the re-exec off;
-VIT22B_ALLOCATOR=tcmalloc, mimalloc or system picks the allocator (system: glibc's, with the huge pages;
-VIT22B_TCMALLOC=0 is an older spelling of it). A notebook's kernel cannot re-execute itself: start Jupyter
-as `(x=$(python -m vit22b.hugepages) && eval "$x" && jupyter lab)`, which exports the same variables first.
-
-`usage` and `per_step` let the bench report the user and system CPU time and the page faults of each step.
+Tunables and LD_PRELOAD are read only when a process starts, so they must be in the environment before Python
+is. VIT22B_ALLOCATOR=tcmalloc, mimalloc or system picks the allocator (system: glibc's, with the huge pages;
+VIT22B_TCMALLOC=0 is an older spelling of it); VIT22B_HUGE_PAGES=0 plans nothing. Nothing is set on TPU or GPU
+hosts unless asked for: it was measured on CPU hosts only. `status`, which the bench prints, says what the
+running process uses; `usage` and `per_step` give the bench its CPU time and page faults per step.
 """
 import ctypes.util
 import importlib.metadata
 import os
 import resource
 import shlex
-import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "VIT22B_HUGE_PAGES"
@@ -132,11 +123,11 @@ def status():
 
 
 def planned_environment(environ, glibc, thp, find=find_allocator):
-    """The variables the re-exec sets ({} for none), given the environment, glibc's version and the THP mode:
+    """The variables to export ({} for none), given the environment, glibc's version and the THP mode:
     the huge-page tunable unless set already (to any value) or unsupported here, and the allocator that
     `find(allocator_choice(environ))` returns ((name, library) or None) first in LD_PRELOAD, with mimalloc's
     settings, unless LD_PRELOAD names an allocator already. {} when VIT22B_HUGE_PAGES=0; no allocator when
-    VIT22B_ALLOCATOR=system. Once the re-exec has set them, it plans nothing more, and `find` (which may run
+    VIT22B_ALLOCATOR=system. Once they are set, it plans nothing more, and `find` (which may run
     ldconfig) is called only when an allocator could still be preloaded.
 
     Errors, each naming VIT22B_ALLOCATOR: an unknown name; an allocator asked for by name that is not installed,
@@ -173,19 +164,8 @@ def planned_environment(environ, glibc, thp, find=find_allocator):
     return out
 
 
-def reexec_with_fast_allocator():
-    """Re-execute this process with `planned_environment`'s variables, if it plans any."""
-    changes = planned_environment(os.environ, glibc_version(), thp_mode())
-    if not changes:
-        return
-    os.environ.update(changes)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, sys.orig_argv)
-
-
 def shell_exports(environ=None):
-    """`planned_environment` as `export` lines for a shell, for processes that cannot re-execute themselves."""
+    """`planned_environment` as `export` lines for a shell."""
     environ = os.environ if environ is None else environ
     changes = planned_environment(environ, glibc_version(), thp_mode())
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(changes.items()))

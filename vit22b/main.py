@@ -70,6 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from vit22b import hugepages
-    hugepages.reexec_with_fast_allocator()  # before JAX allocates: see vit22b/hugepages.py
     app.run(main)

@@ -46,6 +46,10 @@ def plan(config, workdir, memory_per_device_gib=None):
                                        input_pipeline.data_dir(config.input))  # class count only: no data is read
     mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
     size, channels = config.input.image_size, data.channels
+    # The program an accelerator runs: the reference layers, whatever model.impl says (the 'cpu' kernels are
+    # for CPU hosts, and this host being a CPU says nothing about the target).
+    config = config.copy_and_resolve_references()
+    config.model.impl = "reference"
     model = train.build_model(config, data.num_classes)
     batch = config.input.batch_size
     with sharding.activate(mesh, train.rules_of(config)):
@@ -63,7 +67,7 @@ def plan(config, workdir, memory_per_device_gib=None):
     p_bytes = _per_device_bytes(params, shardings["params"])
     o_bytes = _per_device_bytes(abstract["opt_state"], shardings["opt_state"])
     result = {
-        "model": config.get("model_name", "vit"), "mesh": dict(mesh.shape), "devices": mesh.size,
+        "model": config.get("model_name", "vit"), "impl": "reference", "mesh": dict(mesh.shape), "devices": mesh.size,
         "batch": batch, "image_size": size,
         "params_total": _count(params), "params_blocks": _count(blocks), "params_block_matmuls": block_kernels,
         "flops_per_step": float(cost.get("flops", 0.0)) * mesh.size,  # XLA reports one device's share

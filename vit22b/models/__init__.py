@@ -7,7 +7,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vit22b.models import swinv2, vit
+from vit22b.models import attention, layers, swinv2, vit
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 VIT_SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads", "patch_size")
@@ -34,7 +34,21 @@ def _common(cfg, cls, name):
            f"unknown {name} model key; known keys: {sorted(_fields(cls) | {'variant'})}")
     policy = cfg.get("remat_policy", "none")
     _check(policy in vit.REMAT_POLICIES, "model.remat_policy", f"{policy!r} is not one of {sorted(vit.REMAT_POLICIES)}")
+    impl = cfg.get("impl", "reference")
+    _check(isinstance(impl, str), "model.impl", f"expected 'reference' or 'cpu', got {impl!r}")
+    if impl != "reference":
+        from vit22b.models import cpu
+        cpu.parse(impl)  # a ValueError naming model.impl
+    _check(cfg.get("attention_impl", "auto") in attention.IMPLS, "model.attention_impl",
+           f"{cfg.get('attention_impl')!r} is not one of {attention.IMPLS}")
     return cfg
+
+
+def _check_attention(kw, head_dims, lengths, has_bias):
+    """An explicit attention kernel that cannot run one of the model's attentions: an error before tracing."""
+    dtype = kw.get("dtype", jnp.float32)
+    for head_dim, (q_len, kv_len) in zip(head_dims, lengths):
+        attention.check(kw.get("attention_impl", "auto"), dtype, head_dim, q_len, kv_len, has_bias)
 
 
 def _vit(cfg, num_classes, image_size):
@@ -62,6 +76,9 @@ def _vit(cfg, num_classes, image_size):
            f"image size {image_size} is not divisible by model.patch_size = {kw['patch_size']}")
     if kw.get("posemb") == "sincos2d":
         _check(kw["width"] % 4 == 0, "model.width", "sincos2d position embedding needs width % 4 == 0")
+    tokens = (image_size // kw["patch_size"]) ** 2 + (kw.get("head", vit.ViT.head) == "token")
+    lengths = [(tokens, tokens)] + ([(1, tokens)] if kw.get("head", vit.ViT.head) == "map" else [])
+    _check_attention(kw, [kw["width"] // kw["num_heads"]] * len(lengths), lengths, has_bias=False)
     return kw
 
 
@@ -99,6 +116,7 @@ def _swinv2(cfg, num_classes, image_size):
         if i < m.attn_chunk_stages and m.attn_chunks > 1:
             _check(windows % m.attn_chunks == 0, "model.attn_chunks",
                    f"{m.attn_chunks} chunks do not divide the {windows} windows of stage {i}")
+        _check_attention(kw, [dim // h], [(window * window,) * 2], has_bias=True)
     return kw
 
 

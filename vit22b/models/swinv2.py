@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b.models.attention import cosine_attention
-from vit22b.models.layers import Dense, Norm, PatchEmbed, add_bias, gelu
+from vit22b.models.layers import REFERENCE, Dense, Norm, Ops, PatchEmbed, ops
 from vit22b.models.vit import REMAT_POLICIES
 
 Dtype = Any
@@ -50,15 +49,21 @@ def _p(init, names):
     return nn.with_logical_partitioning(init, names)
 
 
-def layer_norm(name, dtype, param_dtype, zero=False):
-    return Norm("layernorm", eps=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+def layer_norm(name, dtype, param_dtype, ops, zero=False):
+    return Norm("layernorm", eps=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name, ops=ops,
                 scale_init=nn.initializers.zeros if zero else nn.initializers.ones)
 
 
-def linear(features, name, dtype, param_dtype, use_bias=True, axes=("embed", "mlp")):
-    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+def linear(features, name, dtype, param_dtype, ops, use_bias=True, axes=("embed", "mlp")):
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, ops=ops,
                  kernel_init=_p(dense_init, axes), bias_init=_p(nn.initializers.zeros, axes[1:]),
                  precision=jax.lax.Precision.HIGHEST)
+
+
+def unit_vectors(x):
+    """x / max(|x|, 1e-12) over the last axis in float32 (torch's F.normalize), with a finite gradient at 0."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-24))
 
 
 def relative_coords_table(window, pretrained_window=0):
@@ -116,32 +121,35 @@ class WindowAttention(nn.Module):
     attn_chunks: int = 1  # >1: "sequential self-attention", windows processed in this many chunks
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x, mask=None):
-        c, h = self.dim, self.num_heads
-        qkv = linear(3 * c, "qkv", self.dtype, self.param_dtype, use_bias=False, axes=("embed", "fused"))
+        c, h, ops = self.dim, self.num_heads, self.ops
+        qkv = linear(3 * c, "qkv", self.dtype, self.param_dtype, ops, use_bias=False, axes=("embed", "fused"))
         q_bias = self.param("q_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
         v_bias = self.param("v_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
         logit_scale = self.param("logit_scale", _p(nn.initializers.constant(math.log(10.0)), ("heads", None, None)),
                                  (h, 1, 1), self.param_dtype)
         table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
-        hidden = nn.relu(linear(512, "cpb_mlp_0", jnp.float32, self.param_dtype, axes=(None, "mlp"))(table))
-        bias_table = linear(h, "cpb_mlp_2", jnp.float32, self.param_dtype, use_bias=False,
+        hidden = nn.relu(linear(512, "cpb_mlp_0", jnp.float32, self.param_dtype, ops, axes=(None, "mlp"))(table))
+        bias_table = linear(h, "cpb_mlp_2", jnp.float32, self.param_dtype, ops, use_bias=False,
                             axes=("mlp", "heads"))(hidden).reshape(-1, h)
         n = self.window * self.window
         rpb = bias_table[relative_position_index(self.window).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
         rpb = 16.0 * jax.nn.sigmoid(rpb)  # (nH, N, N)
-        scale = jnp.exp(clamp_logit_scale(logit_scale.astype(jnp.float32)))  # (nH, 1, 1)
+        scale = jnp.exp(clamp_logit_scale(logit_scale.astype(jnp.float32))).reshape(h, 1)
         bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
-        t = add_bias(qkv(x), bias_qkv)
+        t = ops.add_bias(qkv(x), bias_qkv)
         b, nw = t.shape[:2]
-        t = t.reshape(b * nw, n, 3 * c)  # the windows of all images form the batch
+        t = t.reshape(b * nw, n, 3, h, c // h)  # the windows of all images form the batch
         # Logit bias [G, nH, N, N] for window i % G: the relative-position bias, plus the shift mask per window.
         bias = rpb[None] if mask is None else rpb[None] + mask[:, None]
 
-        def core(t, bias):
-            return cosine_attention(t, scale.reshape(h), bias, h, precision=jax.lax.Precision.HIGHEST)
+        def core(t, bias):  # cosine similarity times the head's scale: unit q and k, no 1/sqrt(head_dim)
+            q = (unit_vectors(t[:, :, 0]) * scale).astype(t.dtype)
+            k = unit_vectors(t[:, :, 1]).astype(t.dtype)
+            return ops.attention(q, k, t[:, :, 2], bias=bias, scale=1.0, precision=jax.lax.Precision.HIGHEST)
 
         chunks = self.attn_chunks
         if chunks <= 1:
@@ -160,19 +168,20 @@ class WindowAttention(nn.Module):
             out = jax.lax.map(jax.checkpoint(lambda a: core(*a)), (split(t), biases))
             out = jnp.moveaxis(out.reshape(chunks, b, nw // chunks, *out.shape[2:]), 0, 1)
         out = out.reshape(b, nw, n, c).astype(self.dtype)
-        return linear(c, "proj", self.dtype, self.param_dtype, axes=("heads", "embed"))(out)
+        return linear(c, "proj", self.dtype, self.param_dtype, ops, axes=("heads", "embed"))(out)
 
 
 class Mlp(nn.Module):
     hidden: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = linear(self.hidden, "fc1", self.dtype, self.param_dtype, axes=("embed", "mlp"))(x)
-        return linear(d, "fc2", self.dtype, self.param_dtype, axes=("mlp", "embed"))(gelu(x))
+        x = linear(self.hidden, "fc1", self.dtype, self.param_dtype, self.ops, axes=("embed", "mlp"))(x)
+        return linear(d, "fc2", self.dtype, self.param_dtype, self.ops, axes=("mlp", "embed"))(self.ops.gelu(x))
 
 
 def drop_path(x, rate, deterministic, rng):
@@ -202,6 +211,7 @@ class SwinBlock(nn.Module):
     attn_chunks: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic=True):
@@ -213,18 +223,18 @@ class SwinBlock(nn.Module):
             x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
         mask = jnp.asarray(shift_mask(hh, ww, window, shift)) if shift else None
         attn = WindowAttention(c, self.num_heads, window, self.pretrained_window, self.attn_chunks, self.dtype,
-                               self.param_dtype, name="attn")
+                               self.param_dtype, self.ops, name="attn")
         x = window_reverse(attn(window_partition(x, window), mask), window, hh, ww)
         if shift:
             x = jnp.roll(x, (shift, shift), axis=(1, 2))
         def dp(y):
             return drop_path(y, drop_rate, deterministic, None if deterministic else self.make_rng("dropout"))
 
-        x = shortcut + dp(layer_norm("norm1", self.dtype, self.param_dtype, zero=True)(x))
-        y = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(x)
-        x = x + dp(layer_norm("norm2", self.dtype, self.param_dtype, zero=True)(y))
+        x = shortcut + dp(layer_norm("norm1", self.dtype, self.param_dtype, self.ops, zero=True)(x))
+        y = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, self.ops, name="mlp")(x)
+        x = x + dp(layer_norm("norm2", self.dtype, self.param_dtype, self.ops, zero=True)(y))
         if self.extra_norm:
-            x = layer_norm("norm3", self.dtype, self.param_dtype)(x)
+            x = layer_norm("norm3", self.dtype, self.param_dtype, self.ops)(x)
         return nn.with_logical_constraint(x, ACT)
 
 
@@ -250,6 +260,7 @@ class PatchMerging(nn.Module):
     """V2 merge: concat the 2x2 neighbours (x0, x1, x2, x3), reduce 4C -> 2C, then LayerNorm."""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x):
@@ -257,8 +268,8 @@ class PatchMerging(nn.Module):
         # [x0 | x1 | x2 | x3] = x[2i + r, 2j + s] for (r, s) = (0, 0), (1, 0), (0, 1), (1, 1): slot 2s + r. One
         # transpose, whose gradient is one transpose; four strided slices differentiate into four padded copies.
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        x = linear(2 * c, "reduction", self.dtype, self.param_dtype, use_bias=False)(x)
-        return layer_norm("norm", self.dtype, self.param_dtype)(x)
+        x = linear(2 * c, "reduction", self.dtype, self.param_dtype, self.ops, use_bias=False)(x)
+        return layer_norm("norm", self.dtype, self.param_dtype, self.ops)(x)
 
 
 class SwinTransformerV2(nn.Module):
@@ -279,6 +290,8 @@ class SwinTransformerV2(nn.Module):
     attn_chunk_stages: int = 2  # the paper applies sequential attention to the first two stages
     scan: bool = True  # nn.scan over groups of blocks: compile time and (with remat) memory stay flat in depth
     remat_policy: str = "none"
+    impl: str = "reference"  # or "cpu": the XLA:CPU kernels of vit22b/models/cpu/
+    attention_impl: str = "auto"  # vit22b/models/attention.py
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -299,15 +312,15 @@ class SwinTransformerV2(nn.Module):
     def __call__(self, images, *, train=False, return_features=False):
         if images.shape[1] != self.img_size or images.shape[2] != self.img_size:
             raise ValueError(f"SwinTransformerV2 built for {self.img_size} px, got images {images.shape[1:3]}")
-        p = self.patch_size
+        p, layer_ops = self.patch_size, ops(self.impl, self.attention_impl)
         fan_in = p * p * images.shape[-1]
-        x = PatchEmbed(self.embed_dim, patch=p, dtype=self.dtype, param_dtype=self.param_dtype,
+        x = PatchEmbed(self.embed_dim, patch=p, dtype=self.dtype, param_dtype=self.param_dtype, ops=layer_ops,
                        name="patch_embed_proj", precision=jax.lax.Precision.HIGHEST,
                        kernel_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in),
                                       (None, None, None, "embed")),
                        bias_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in), ("embed",)),
                        )(images.astype(self.dtype))
-        x = layer_norm("patch_embed_norm", self.dtype, self.param_dtype)(x)
+        x = layer_norm("patch_embed_norm", self.dtype, self.param_dtype, layer_ops)(x)
 
         total = sum(self.depths)
         rates = np.linspace(0.0, self.drop_path_rate, total) if total else np.zeros(0)
@@ -317,7 +330,7 @@ class SwinTransformerV2(nn.Module):
             kw = dict(num_heads=heads, window=self.window_size, shift=self.window_size // 2,
                       pretrained_window=self.pretrained_window_sizes[i], mlp_ratio=self.mlp_ratio,
                       attn_chunks=self.attn_chunks if i < self.attn_chunk_stages else 1,
-                      dtype=self.dtype, param_dtype=self.param_dtype)
+                      dtype=self.dtype, param_dtype=self.param_dtype, ops=layer_ops)
             stage_rates = rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]
             g = self.group_size(depth)
             if g:
@@ -337,11 +350,12 @@ class SwinTransformerV2(nn.Module):
                               name=f"layers_{i}_blocks_{j}")(x, float(stage_rates[j]), not train)
             features.append(x)
             if i < len(self.depths) - 1:
-                x = PatchMerging(self.dtype, self.param_dtype, name=f"layers_{i}_downsample")(x)
-        x = layer_norm("norm", self.dtype, self.param_dtype)(x)
+                x = PatchMerging(self.dtype, self.param_dtype, layer_ops, name=f"layers_{i}_downsample")(x)
+        x = layer_norm("norm", self.dtype, self.param_dtype, layer_ops)(x)
         if return_features:  # per-stage maps (strides 4, 8, 16, 32) for dense prediction, plus the final norm
             return features[:-1] + [x]
         x = x.mean(axis=(1, 2))
         if self.num_classes:
-            x = linear(self.num_classes, "head", self.dtype, self.param_dtype, axes=("embed", "classes"))(x)
+            x = linear(self.num_classes, "head", self.dtype, self.param_dtype, layer_ops,
+                       axes=("embed", "classes"))(x)
         return x.astype(jnp.float32)

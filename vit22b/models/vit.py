@@ -17,9 +17,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vit22b import collective, sharding
-from vit22b.models.attention import attend
-from vit22b.models.layers import (Dense, Norm, NormParams, PatchEmbed, add_bias, concatenate, dense, gelu, normalize,
-                                  split)
+from vit22b.models.layers import REFERENCE, Dense, Norm, NormParams, Ops, PatchEmbed, ops
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
 # 22B from arXiv 2302.05442 (mlp = 4 * width reproduces its 21.74B parameters).
@@ -70,10 +68,10 @@ def decode_variant(variant):
     return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(m.group(2)))
 
 
-def make_norm(kind, dtype, param_dtype, name, axes=("embed",), tree=None):
+def make_norm(kind, dtype, param_dtype, name, axes=("embed",), ops=REFERENCE):
     """'rmsnorm' is the ViT-22B scale-only norm (no centering, no bias); 'layernorm' is classic. Parameter
-    names (scale, bias) and initialisation are flax.linen's RMSNorm / LayerNorm. `tree` as in `normalize`."""
-    return Norm(kind, dtype=dtype, param_dtype=param_dtype, axes=axes, name=name, tree=tree)
+    names (scale, bias) and initialisation are flax.linen's RMSNorm / LayerNorm."""
+    return Norm(kind, dtype=dtype, param_dtype=param_dtype, axes=axes, name=name, ops=ops)
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0):
@@ -88,7 +86,7 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
     return jnp.asarray(pe, jnp.float32)[None]
 
 
-def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None):
+def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None, ops=REFERENCE):
     """The parallel block's math on one device's share; used as is by XLA's partitioner ('xla') and inside
     `jax.shard_map` ('collective', where `ring` = dict(axis=..., bidirectional=...) and x, the weights' fused
     dimension and the heads are this device's chunks).
@@ -101,30 +99,30 @@ def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None):
     d_local, (d, fused_local) = x.shape[-1], p["in_kernel"].shape
     h = num_heads // (d // d_local)  # heads on this device
     f, dh = fused_local // h, d // num_heads  # f = 3 dh + m / num_heads columns per head
-    y = normalize(x, p["norm"], norm, dtype, axis, d)
+    y = ops.normalize(x, p["norm"], norm, dtype, axis, d)
     if ring:
         z = collective.allgather_matmul(y, p["in_kernel"], axis, bidirectional=ring["bidirectional"],
                                         dtype=dtype).astype(dtype)
     else:
-        z = dense(y, p["in_kernel"], dtype)
+        z = ops.dense(y, p["in_kernel"], dtype)
     z = z.reshape(z.shape[:-1] + (h, f))
     mlp_bias = p["mlp_bias"].reshape(h, f - 3 * dh)
     if "qkv_bias" in p:  # one add over the fused [q | k | v | mlp] columns
-        z = add_bias(z, jnp.concatenate([p["qkv_bias"].reshape(h, 3 * dh), mlp_bias], axis=-1))
-    q, k, v, hidden = split(z, (dh, 2 * dh, 3 * dh), -1)
-    if "qkv_bias" not in p:  # only the MLP units have a bias, and only its gradient is summed
-        hidden = add_bias(hidden, mlp_bias)
+        z = ops.add_bias(z, jnp.concatenate([p["qkv_bias"].reshape(h, 3 * dh), mlp_bias], axis=-1))
+    q, k, v, hidden = ops.split(z, (dh, 2 * dh, 3 * dh), -1)
+    if "qkv_bias" not in p:  # only the MLP units have a bias
+        hidden = ops.add_bias(hidden, mlp_bias)
     if qk_norm:  # per head, after the projection, over head_dim; device-local
-        q = normalize(q, p["q_norm"], norm, dtype, tree=True)
-        k = normalize(k, p["k_norm"], norm, dtype, tree=True)
-    u = concatenate((attend(q, k, v, dtype), gelu(hidden)), -1)
+        q = ops.normalize(q, p["q_norm"], norm, dtype)
+        k = ops.normalize(k, p["k_norm"], norm, dtype)
+    u = ops.concatenate((ops.attention(q, k, v), ops.gelu(hidden)), -1)
     u = u.reshape(u.shape[:-2] + (-1,))
     if ring:
         out = collective.matmul_reducescatter(u, p["out_kernel"], axis, bidirectional=ring["bidirectional"],
                                               dtype=dtype).astype(dtype)
     else:
-        out = dense(u, p["out_kernel"], dtype)
-    return x + add_bias(out, p["out_bias"])
+        out = ops.dense(u, p["out_kernel"], dtype)
+    return x + ops.add_bias(out, p["out_bias"])
 
 
 class ParallelBlock(nn.Module):
@@ -144,6 +142,7 @@ class ParallelBlock(nn.Module):
     collective_ring: str = "bidirectional"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x, _=None):
@@ -161,7 +160,7 @@ class ParallelBlock(nn.Module):
             p["q_norm"] = NormParams(self.norm, ("kv",), self.param_dtype, name="q_norm")(d // h)
             p["k_norm"] = NormParams(self.norm, ("kv",), self.param_dtype, name="k_norm")(d // h)
         apply = functools.partial(parallel_block_apply, num_heads=h, norm=self.norm, qk_norm=self.qk_norm,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, ops=self.ops)
         mesh = jax.sharding.get_abstract_mesh()
         axis = nn.logical_to_mesh_axes(("heads",))[0] if not mesh.empty else None
         if self.parallel_linear != "collective" or not isinstance(axis, str):
@@ -195,49 +194,50 @@ class SequentialBlock(nn.Module):
     norm: str = "layernorm"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x, _=None):
-        d, m, h = x.shape[-1], self.mlp_dim, self.num_heads
+        d, m, h, ops = x.shape[-1], self.mlp_dim, self.num_heads, self.ops
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         xavier = nn.initializers.xavier_uniform()
-        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm1")(x)
-        qkv = dense(y, self.param("qkv_kernel", _p(xavier, ("embed", "fused")), (d, 3 * d), self.param_dtype),
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm1", ops=ops)(x)
+        qkv = ops.dense(y, self.param("qkv_kernel", _p(xavier, ("embed", "fused")), (d, 3 * d), self.param_dtype),
                     self.dtype)
         if self.qkv_bias:
-            qkv = add_bias(qkv, self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,),
+            qkv = ops.add_bias(qkv, self.param("qkv_bias", _p(nn.initializers.zeros, ("fused",)), (3 * d,),
                                            self.param_dtype))
-        q, k, v = (t.reshape(t.shape[:-1] + (h, d // h)) for t in split(qkv, (d, 2 * d), -1))
+        q, k, v = (t.reshape(t.shape[:-1] + (h, d // h)) for t in ops.split(qkv, (d, 2 * d), -1))
         if self.qk_norm:
-            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",), tree=True)(q)
-            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",), tree=True)(k)
-        a = attend(q, k, v, self.dtype).reshape(x.shape[:-1] + (d,))
-        a = dense(a, self.param("attn_out_kernel", _p(xavier, ("heads", "embed")), (d, d), self.param_dtype),
+            q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",), ops)(q)
+            k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",), ops)(k)
+        a = ops.attention(q, k, v).reshape(x.shape[:-1] + (d,))
+        a = ops.dense(a, self.param("attn_out_kernel", _p(xavier, ("heads", "embed")), (d, d), self.param_dtype),
                   self.dtype)
-        a = add_bias(a, self.param("attn_out_bias", _p(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype))
+        a = ops.add_bias(a, self.param("attn_out_bias", _p(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype))
         x = x + a
-        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm2")(x)
-        hidden = dense(y, self.param("mlp_in_kernel", _p(xavier, ("embed", "mlp")), (d, m), self.param_dtype),
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm2", ops=ops)(x)
+        hidden = ops.dense(y, self.param("mlp_in_kernel", _p(xavier, ("embed", "mlp")), (d, m), self.param_dtype),
                        self.dtype)
-        hidden = add_bias(hidden, self.param("mlp_in_bias", _p(nn.initializers.normal(1e-6), ("mlp",)), (m,),
+        hidden = ops.add_bias(hidden, self.param("mlp_in_bias", _p(nn.initializers.normal(1e-6), ("mlp",)), (m,),
                                              self.param_dtype))
-        hidden = gelu(hidden)
-        out = dense(hidden, self.param("mlp_out_kernel", _p(xavier, ("mlp", "embed")), (m, d),
+        hidden = ops.gelu(hidden)
+        out = ops.dense(hidden, self.param("mlp_out_kernel", _p(xavier, ("mlp", "embed")), (m, d),
                                        self.param_dtype), self.dtype)
-        out = add_bias(out, self.param("mlp_out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,),
+        out = ops.add_bias(out, self.param("mlp_out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,),
                                        self.param_dtype))
         return x + out, None
 
 
 class _Projection(nn.Module):
-    """The parameters of flax's DenseGeneral (kernel in_shape + out_shape, bias out_shape, xavier-initialised
-    as the flattened matrix) computed as one `dense` on the flattened kernel: DenseGeneral's plain bf16 dot
-    runs at float32 speed on the CPU."""
+    """flax's DenseGeneral parameters (kernel in_shape + out_shape, bias out_shape, xavier-initialised as the
+    flattened matrix), computed as one dense layer on the flattened kernel."""
     in_shape: tuple
     out_shape: tuple
     axes: tuple  # logical names of the kernel's axes; the bias takes the output ones
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x):
@@ -248,18 +248,17 @@ class _Projection(nn.Module):
         bias = self.param("bias", _p(nn.initializers.zeros, self.axes[len(self.in_shape):]), self.out_shape,
                           self.param_dtype)
         x = x.reshape(x.shape[:x.ndim - len(self.in_shape)] + (n_in,))
-        y = add_bias(dense(x, kernel.reshape(n_in, n_out), self.dtype), bias.reshape(n_out))
+        y = self.ops.add_bias(self.ops.dense(x, kernel.reshape(n_in, n_out), self.dtype), bias.reshape(n_out))
         return y.reshape(y.shape[:-1] + self.out_shape)
 
 
 class MAPAttention(nn.Module):
-    """nn.MultiHeadDotProductAttention(num_heads, kernel_init=xavier_uniform) with the same parameters
-    (query, key, value [d, heads, head_dim], out [heads, head_dim, d], zero-initialised biases) and math,
-    through `dense` and `attend`. On the CPU in bf16 flax's projections ran at about 105 GFLOP/s against ~350:
-    the head took 105 ms of thread time per ViT-22B-design B/16 step, 61 ms this way."""
+    """nn.MultiHeadDotProductAttention(num_heads, kernel_init=xavier_uniform)'s parameters (query, key, value
+    [d, heads, head_dim], out [heads, head_dim, d], zero-initialised biases) and math."""
     num_heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv):
@@ -268,13 +267,13 @@ class MAPAttention(nn.Module):
             raise ValueError(f"map head: width {d} is not divisible by num_heads {h}")
 
         def project(name, in_shape, out_shape, axes):
-            return _Projection(in_shape, out_shape, axes, self.dtype, self.param_dtype, name=name)
+            return _Projection(in_shape, out_shape, axes, self.dtype, self.param_dtype, self.ops, name=name)
 
         heads = (h, d // h)
         q = project("query", (d,), heads, ("embed", "heads", "kv"))(inputs_q)
         k = project("key", (d,), heads, ("embed", "heads", "kv"))(inputs_kv)
         v = project("value", (d,), heads, ("embed", "heads", "kv"))(inputs_kv)
-        return project("out", heads, (d,), ("heads", "kv", "embed"))(attend(q, k, v, self.dtype))
+        return project("out", heads, (d,), ("heads", "kv", "embed"))(self.ops.attention(q, k, v))
 
 
 class MAPHead(nn.Module):
@@ -284,22 +283,23 @@ class MAPHead(nn.Module):
     norm: str
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    ops: Ops = REFERENCE
 
     @nn.compact
     def __call__(self, x):
-        d = x.shape[-1]
+        d, ops = x.shape[-1], self.ops
         probe = self.param("probe", _p(nn.initializers.xavier_uniform(), (None, None, "embed")),
                            (1, 1, d), self.param_dtype)
         probe = jnp.tile(probe, (x.shape[0], 1, 1)).astype(self.dtype)
-        x = MAPAttention(self.num_heads, self.dtype, self.param_dtype, name="attention")(probe, x)
-        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm")(x)
+        x = MAPAttention(self.num_heads, self.dtype, self.param_dtype, ops, name="attention")(probe, x)
+        y = make_norm(self.norm, self.dtype, self.param_dtype, "norm", ops=ops)(x)
         # nn.Dense's parameters and initialisers, with logical axes: replicated, the 22B head's MLP alone was
         # 1.1 GiB on every device.
         lecun, zeros = nn.initializers.lecun_normal(), nn.initializers.zeros
-        y = Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_in",
+        y = Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_in", ops=ops,
                   kernel_init=_p(lecun, ("embed", "mlp")), bias_init=_p(zeros, ("mlp",)))(y)
-        y = Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_out",
-                  kernel_init=_p(lecun, ("mlp", "embed")), bias_init=_p(zeros, ("embed",)))(gelu(y))
+        y = Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp_out", ops=ops,
+                  kernel_init=_p(lecun, ("mlp", "embed")), bias_init=_p(zeros, ("embed",)))(ops.gelu(y))
         return (x + y)[:, 0]
 
 
@@ -322,6 +322,8 @@ class ViT(nn.Module):
     remat_policy: str = "none"
     parallel_linear: str = "xla"
     collective_ring: str = "bidirectional"
+    impl: str = "reference"  # or "cpu": the XLA:CPU kernels of vit22b/models/cpu/
+    attention_impl: str = "auto"  # vit22b/models/attention.py
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -331,7 +333,8 @@ class ViT(nn.Module):
         if self.remat_policy != "none":
             cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
-                  norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype)
+                  norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
+                  ops=ops(self.impl, self.attention_impl))
         if self.block == "parallel":
             kw.update(parallel_linear=self.parallel_linear, collective_ring=self.collective_ring)
         return cls, kw
@@ -339,8 +342,9 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images, *, train=False):
         del train  # no dropout or stochastic depth in the ViT-22B recipe
-        p = self.patch_size
+        p, layer_ops = self.patch_size, ops(self.impl, self.attention_impl)
         x = PatchEmbed(self.width, patch=p, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding",
+                       ops=layer_ops,
                        kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                        bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
         b, h, w, d = x.shape
@@ -350,7 +354,7 @@ class ViT(nn.Module):
                             (1, h * w, d), self.param_dtype)
         else:
             pe = posemb_sincos_2d(h, w, d)
-        x = add_bias(x, pe[0])
+        x = layer_ops.add_bias(x, pe[0])
         if self.head == "token":
             cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d), self.param_dtype)
             x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
@@ -363,10 +367,11 @@ class ViT(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block_cls(**kw, name=f"block_{i:02d}")(x, None)
-        x = make_norm(self.norm, self.dtype, self.param_dtype, "encoder_norm")(x)
+        x = make_norm(self.norm, self.dtype, self.param_dtype, "encoder_norm", ops=layer_ops)(x)
 
         if self.head == "map":
-            x = MAPHead(self.num_heads, self.mlp_dim, self.norm, self.dtype, self.param_dtype, name="map_head")(x)
+            x = MAPHead(self.num_heads, self.mlp_dim, self.norm, self.dtype, self.param_dtype, layer_ops,
+                        name="map_head")(x)
         elif self.head == "gap":
             x = x.mean(axis=1)
         else:
