@@ -16,8 +16,8 @@ seconds, all threads), and the host CPU and how the dense layers multiply bf16 o
 `--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
 prints its line and the ratio; `--pairs=N` adds N single steps of each, alternated one by one (`paired`).
 `--vs_impl=IMPL --pairs=N` alternates N single steps with the same config at model.impl=IMPL, compiled in this
-process (e.g. the XLA:CPU kernels against the reference: --config.model.impl=cpu --vs_impl=reference); repeated,
-each round steps ours and every IMPL once, in rotating order, and `paired` holds one summary per IMPL.
+process (e.g. the XLA:CPU kernels against the reference: --config.model.impl=cpu --vs_impl=reference); it may be
+repeated: each round steps ours and every IMPL once, in rotating order; `paired` holds one summary per IMPL.
 `--breakdown` adds where a traced step's time goes (the median of three; vit22b/breakdown.py): matmuls and
 batched matmuls (time, GFLOP, GFLOP/s), the rest, idle, and the costliest of the rest by op name.
 """
@@ -170,8 +170,8 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         host_time = hugepages.per_step(before, hugepages.usage(), steps)
         measured += [meter(), meter()]
         parts = step_breakdown.breakdown(compiled, once) if breakdown else None
-        if pairs and isinstance(partner, dict):  # several model.impl partners, in rounds
-            paired = {name: summary for name, summary in rotate(once, partner, pairs).items()}
+        if pairs and isinstance(partner, dict):  # model.impl partners, by name, in rounds
+            paired = rotate(once, partner, pairs)
         else:
             paired = alternate(once, partner, pairs) if pairs else None  # last: the partner then stays up idle
     mem = compiled.memory_analysis()
@@ -238,17 +238,7 @@ def impl_partner(config, impl):
 def alternate(ours, partner, pairs):
     """`pairs` steps of ours and of the partner, one after the other (which goes first alternates), and the
     summary of `paired_summary`. Hour-long swings of a shared machine's speed hit both sides of a pair alike."""
-    times = []
-    for i in range(pairs):
-        if i % 2:
-            theirs = partner()
-        t = time.perf_counter()
-        ours()
-        mine = time.perf_counter() - t
-        if not i % 2:
-            theirs = partner()
-        times.append((mine, theirs))
-    return paired_summary(times)
+    return rotate(ours, {"partner": partner}, pairs)["partner"]
 
 
 def rotate(ours, partners, rounds):
@@ -381,9 +371,7 @@ def main(argv):
         models.resolve(config.get("model_name", "vit"), dict(config.model, impl=impl), 1000, config.input.image_size)
     if FLAGS.vs == "timm":
         timm_name(config)  # an unknown equivalent fails before minutes of compiling
-    if FLAGS.vs_impl and len(FLAGS.vs_impl) == 1:
-        partner = contextlib.nullcontext(impl_partner(config, FLAGS.vs_impl[0]))
-    elif FLAGS.vs_impl:
+    if FLAGS.vs_impl:
         partner = contextlib.nullcontext({impl: impl_partner(config, impl) for impl in FLAGS.vs_impl})
     elif FLAGS.pairs:
         partner = serving_partner(_timm_command(config, FLAGS.steps, FLAGS.forward))
