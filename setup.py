@@ -16,8 +16,8 @@ setup(
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "grain>=0.2.12,<0.3",
-        "array-record>=0.8",  # local ArrayRecord datasets (vit22b/records.py)
-        "pillow>=10",  # image decoding and augmentation (vit22b/preprocess.py)
+        "array-record>=0.8",  # local ArrayRecord datasets (vit22b/input/records.py)
+        "pillow>=10",  # image decoding and augmentation (vit22b/input/preprocess.py)
         "tensorflow-datasets>=4.9.9,<5",
         "ml-collections>=1.0,<2",
         "absl-py>=2.1",
@@ -26,7 +26,7 @@ setup(
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
-        # CPU hosts: an allocator that keeps freed memory, for the opt-in `eval "$(python -m vit22b.hugepages)"`
+        # CPU hosts: an allocator that keeps freed memory, for the opt-in `eval "$(python -m vit22b.tools.hugepages)"`
         # (wheels for Linux with glibc >= 2.28 on x86-64 and ARM).
         "cpu": [MIMALLOC],
         "test": [

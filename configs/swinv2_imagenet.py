@@ -8,7 +8,7 @@ decay 0.05 except 1-D parameters, biases, cpb_mlp and logit_scale; label smoothi
   python -m vit22b.main --config=configs/swinv2_imagenet.py:variant=B,window=16 --workdir=DIR
   python -m vit22b.main --config=configs/swinv2_imagenet.py:runlocal --workdir=DIR   # tiny, on bundled digits
 
-ImageNet is read from a TFDS ArrayRecord preparation (data/imagenet2012.py; a missing one stops with the
+ImageNet is read from a TFDS ArrayRecord preparation (vit22b/input/datasets/imagenet2012.py; a missing one stops with the
 command that prepares it). Augmentation as in the official recipe: random-resized crop (bicubic), flip,
 RandAugment m9 (2 ops), mixup 0.8 / cutmix 1.0 (switch 0.5, always applied), ImageNet mean/std; evaluation
 resizes the shorter side to img / 0.875 (bicubic) and takes the central crop. Not reproduced: timm's
@@ -30,7 +30,7 @@ def get_config(arg=None):
     c.log_every = 50 if a.runlocal else 100
     c.eval_every = 300 if a.runlocal else steps_per_epoch
     c.checkpoint_every = 300 if a.runlocal else 2_000
-    # Devices as (data, fsdp, model); see vit22b/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
+    # Devices as (data, fsdp, model); see vit22b/parallel/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
     c.mesh = "data:-1"
     c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 3
@@ -86,5 +86,5 @@ def get_config(arg=None):
     c.grad_clip_norm = 5.0
     warmup = 20 if a.runlocal else 20 * steps_per_epoch
     c.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", warmup_steps=warmup, min_mult=5e-6 / 5e-4))
-    c.model_init = ""  # an Orbax params checkpoint, e.g. written by `python -m vit22b.convert`
+    c.model_init = ""  # an Orbax params checkpoint, e.g. written by `python -m vit22b.models.convert`
     return c

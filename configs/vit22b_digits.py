@@ -16,7 +16,7 @@ def get_config(arg=None):
     c.log_every = 10 if a.runlocal else 100
     c.eval_every = 20 if a.runlocal else 500
     c.checkpoint_every = 20 if a.runlocal else 500
-    # Devices as (data, fsdp, model); see vit22b/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
+    # Devices as (data, fsdp, model); see vit22b/parallel/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
     c.mesh = "data:-1"
     c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 2
@@ -29,7 +29,7 @@ def get_config(arg=None):
     c.input.batch_size = a.batch
     c.input.eval_batch_size = 128
     c.input.image_size = 8
-    # Preprocess chains (vit22b/preprocess.py); digits are 8x8 grey arrays in [0, 1].
+    # Preprocess chains (vit22b/input/preprocess.py); digits are 8x8 grey arrays in [0, 1].
     c.input.pp_train = "decode(1)|resize(8)|value_range(-1, 1)"
     c.input.pp_eval = "decode(1)|resize(8)|value_range(-1, 1)"
     c.input.on_bad_record = "skip"  # or "error"; skipped records are counted in train/bad_records

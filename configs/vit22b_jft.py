@@ -22,7 +22,7 @@ def get_config(arg=None):
     c.log_every = 10 if a.runlocal else 50
     c.eval_every = 30 if a.runlocal else 5_000
     c.checkpoint_every = 30 if a.runlocal else 1_000
-    # Devices as (data, fsdp, model); see vit22b/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
+    # Devices as (data, fsdp, model); see vit22b/parallel/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
     c.mesh = "fsdp:-1"  # 2-D parameter sharding; add a model axis at launch, e.g. "fsdp:-1,model:8"
     c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 3
@@ -60,7 +60,7 @@ def get_config(arg=None):
     c.model.head_bias_init = -10.0  # sigmoid over ~30k classes starts near p = 0
     c.model.scan = True
     # The paper's asynchronous parallel linear ops: all-gather / reduce-scatter rings over the model axis
-    # (vit22b/collective.py); "xla" leaves the collectives to XLA's partitioner.
+    # (vit22b/parallel/collective.py); "xla" leaves the collectives to XLA's partitioner.
     c.model.parallel_linear = "collective"
     c.model.collective_ring = "bidirectional"
     c.model.remat_policy = "none" if a.runlocal else "dots_no_batch"

@@ -1,4 +1,4 @@
-"""`python -m vit22b.bench`: the JSON line's fields are present and sane (a regression guard, not a timing test)."""
+"""`python -m vit22b.tools.bench`: the JSON line's fields are present and sane (a regression guard, not a timing test)."""
 import json
 import os
 import shlex
@@ -9,8 +9,8 @@ import time
 import pytest
 
 from conftest import CONFIGS, REPO, cpu_env
-from vit22b import hugepages
-from vit22b import host_cpu
+from vit22b.tools import hugepages
+from vit22b.tools import host_cpu
 
 
 def _json_lines(cmd):
@@ -21,7 +21,7 @@ def _json_lines(cmd):
 
 
 def test_bench_prints_a_sane_json_line():
-    (row,) = _json_lines([sys.executable, "-m", "vit22b.bench", f"--config={CONFIGS}/vit22b_digits.py:runlocal",
+    (row,) = _json_lines([sys.executable, "-m", "vit22b.tools.bench", f"--config={CONFIGS}/vit22b_digits.py:runlocal",
                           "--config.input.batch_size=16", "--steps=5"])
     assert row["framework"] == "vit22b" and row["mode"] == "train" and row["batch"] == 16
     assert row["variant"] == "width64-depth4-patch2" and row["dtype"] == "float32" and row["devices"] == 1
@@ -36,7 +36,7 @@ def test_bench_prints_a_sane_json_line():
     assert c["float32"] > 1 and c["bfloat16"] > 1
     assert abs(row["mfu"] - row["achieved_gflop_per_s"] / c["float32"]) < 0.002 and 0 < row["mfu"] < 1.5
     assert row["peak_memory_bytes"] > 0
-    # Which CPU measured it, and how the CPU kernels would multiply bf16 on it (vit22b/host_cpu.py).
+    # Which CPU measured it, and how the CPU kernels would multiply bf16 on it (vit22b/tools/host_cpu.py).
     assert row["host_cpu"] == host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode("cpu")} and row["host_cpu"]["model"]
     # The command ran as launched (no re-exec): the allocator and huge pages of this environment, as it reports them.
     assert row["host_memory"] == hugepages.status() and row["impl"] == "reference"
@@ -57,16 +57,16 @@ def hugepages_supported():
 
 
 def run_opted_in(script, env):
-    """`script` in a Python started as the opt-in says: eval "$(python -m vit22b.hugepages)" first."""
+    """`script` in a Python started as the opt-in says: eval "$(python -m vit22b.tools.hugepages)" first."""
     python = shlex.quote(sys.executable)
-    return subprocess.run(["bash", "-c", f'x=$({python} -m vit22b.hugepages) && eval "$x" && exec {python} -c '
+    return subprocess.run(["bash", "-c", f'x=$({python} -m vit22b.tools.hugepages) && eval "$x" && exec {python} -c '
                            + shlex.quote(script)], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
 
 
 # Allocates and touches 256 MiB through malloc in a process started with the opt-in, and prints the page faults.
 FAULTS = """
 import ctypes, resource, sys
-from vit22b import hugepages
+from vit22b.tools import hugepages
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 n = 256 << 20
@@ -128,7 +128,7 @@ def test_the_opt_in_plans_huge_pages_and_an_allocator_once():
         plan({"VIT22B_ALLOCATOR": "tcmalloc"}, installed=(mi,))
     with pytest.raises(ValueError, match="VIT22B_ALLOCATOR='jemalloc'"):  # checked even with the opt-in off
         plan({"VIT22B_ALLOCATOR": "jemalloc", "VIT22B_HUGE_PAGES": "0"})
-    # A choice that the environment contradicts (a shell that evaluated `python -m vit22b.hugepages` earlier)
+    # A choice that the environment contradicts (a shell that evaluated `python -m vit22b.tools.hugepages` earlier)
     assert plan({"VIT22B_ALLOCATOR": "tcmalloc", "LD_PRELOAD": tc[1]}) == huge  # agrees: nothing more to do
     assert plan({"VIT22B_TCMALLOC": "0", "LD_PRELOAD": tc[1]}) == huge  # the older spelling: add none, as before
     for choice in ("mimalloc", "system"):
@@ -165,7 +165,7 @@ def test_find_allocator_prefers_tcmalloc_then_the_mimalloc_wheel(monkeypatch):
 # page faults of each round.
 REUSE = """
 import ctypes, resource
-from vit22b import hugepages
+from vit22b.tools import hugepages
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -214,7 +214,7 @@ def test_a_shell_gets_the_same_environment_for_a_notebook_server():
         pytest.skip("the cmeel-mimalloc wheel is not installed")
     env = _allocator_env("mimalloc")
     python = shlex.quote(sys.executable)  # the README's recipe, with this interpreter
-    script = f'x=$({python} -m vit22b.hugepages) && eval "$x" && {python} -c "{STATUS}"'
+    script = f'x=$({python} -m vit22b.tools.hugepages) && eval "$x" && {python} -c "{STATUS}"'
 
     r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -223,7 +223,7 @@ def test_a_shell_gets_the_same_environment_for_a_notebook_server():
 
 
 def test_timm_side_prints_a_sane_json_line():
-    (row,) = _json_lines([sys.executable, "-m", "vit22b.bench_timm", "--model=vit_tiny_patch16_224",
+    (row,) = _json_lines([sys.executable, "-m", "vit22b.tools.bench_timm", "--model=vit_tiny_patch16_224",
                           "--image_size=32", "--batch=2", "--steps=2"])
     assert row["framework"] == "timm" and row["model"] == "vit_tiny_patch16_224" and row["batch"] == 2
     assert row["img_per_s"] > 0 and row["step_s"]["steps"] == 2 and row["host_cpu"] == host_cpu.info()["model"]
@@ -231,7 +231,7 @@ def test_timm_side_prints_a_sane_json_line():
 
 
 def test_pairs_alternate_single_steps_and_summarise_the_speed_ratio():
-    from vit22b import bench
+    from vit22b.tools import bench
     calls = []
     bench_ours = lambda: calls.append("ours")
     partner = lambda: calls.append("timm") or 0.5
@@ -245,8 +245,8 @@ def test_pairs_alternate_single_steps_and_summarise_the_speed_ratio():
 
 
 def test_timm_side_serves_single_steps_to_the_bench():
-    from vit22b import bench
-    cmd = [sys.executable, "-m", "vit22b.bench_timm", "--model=vit_tiny_patch16_224", "--image_size=32",
+    from vit22b.tools import bench
+    cmd = [sys.executable, "-m", "vit22b.tools.bench_timm", "--model=vit_tiny_patch16_224", "--image_size=32",
            "--batch=2", "--steps=1"]
     with bench.serving_partner(cmd) as step:
         times = [step() for _ in range(3)]
@@ -268,7 +268,7 @@ def test_timm_side_serves_single_steps_to_the_bench():
 
 
 def test_pairs_need_timm_and_fail_before_benchmarking():
-    r = subprocess.run([sys.executable, "-m", "vit22b.bench", f"--config={CONFIGS}/vit22b_digits.py:runlocal",
+    r = subprocess.run([sys.executable, "-m", "vit22b.tools.bench", f"--config={CONFIGS}/vit22b_digits.py:runlocal",
                         "--pairs=3"], cwd=REPO, capture_output=True, text=True, timeout=120, env=cpu_env())
     assert r.returncode != 0 and "--pairs=3" in r.stderr and "--vs=timm" in r.stderr, r.stderr[-2000:]
     assert "{" not in r.stdout  # no result line: it stopped before timing anything
@@ -276,12 +276,13 @@ def test_pairs_need_timm_and_fail_before_benchmarking():
 
 def test_analytic_flops_match_published_figures():
     from conftest import config
-    from vit22b import bench, train
+    from vit22b.tools import bench
+    from vit22b.train import loop
     # SwinV2-T, 256 px, window 8: 5.9 G multiply-adds (Swin V2 paper / timm); ViT-B/16 at 224: 17.6 G.
     swin = config("swinv2_imagenet", arg="variant=T")
-    assert abs(bench.swin_forward_flops(train.build_model(swin, 1000), 256) / 2e9 - 5.9) < 0.1
+    assert abs(bench.swin_forward_flops(loop.build_model(swin, 1000), 256) / 2e9 - 5.9) < 0.1
     vit = config("vit_imagenet", arg="variant=B/16")
-    assert abs(bench.analytic_forward_flops(vit, train.build_model(vit, 1000), 1000, 3) / 2e9 - 17.6) < 0.2
+    assert abs(bench.analytic_forward_flops(vit, loop.build_model(vit, 1000), 1000, 3) / 2e9 - 17.6) < 0.2
 
 
 def test_analytic_flops_count_the_map_head_as_xla_does():
@@ -292,7 +293,8 @@ def test_analytic_flops_count_the_map_head_as_xla_does():
     import jax.numpy as jnp
 
     from conftest import config
-    from vit22b import bench, train
+    from vit22b.tools import bench
+    from vit22b.train import loop
     from vit22b.models import vit
     n, d, m, h = 64, 256, 1024, 4
     counts = []
@@ -300,7 +302,7 @@ def test_analytic_flops_count_the_map_head_as_xla_does():
         c = config("vit_imagenet", arg="variant=B/16")
         c.model.update(width=d, depth=1, mlp_dim=m, num_heads=h, patch_size=8, head=head)
         c.input.image_size = 64  # 8 x 8 = n tokens
-        counts.append(bench.analytic_forward_flops(c, train.build_model(c, 10), 10, 3))
+        counts.append(bench.analytic_forward_flops(c, loop.build_model(c, 10), 10, 3))
     added = counts[1] - counts[0]
     assert added == 4 * d * d + 4 * n * d * d + 4 * n * d + 4 * d * m
     head, x = vit.MAPHead(h, m, "rmsnorm"), jnp.zeros((1, n, d))
@@ -313,7 +315,7 @@ def test_breakdown_counts_each_matmul_class_and_adds_up():
     import jax
     import jax.numpy as jnp
 
-    from vit22b import breakdown
+    from vit22b.tools import breakdown
 
     def f(x, w, q):
         y = jnp.tanh(x @ w)  # a dense layer's 2-D dot
@@ -335,7 +337,7 @@ def test_breakdown_counts_each_matmul_class_and_adds_up():
 
 
 def test_an_async_eigen_dot_runs_until_its_result_is_used():
-    from vit22b import breakdown
+    from vit22b.tools import breakdown
     comps = breakdown.parse_hlo("""HloModule m
 
 ENTRY %main (a: f32[4,4]) -> f32[16] {
@@ -355,6 +357,6 @@ ENTRY %main (a: f32[4,4]) -> f32[16] {
 
 
 def test_bench_refuses_zero_steps_before_compiling():
-    from vit22b import bench
+    from vit22b.tools import bench
     with pytest.raises(ValueError, match="--steps=0"):
         bench.bench(None, steps=0)  # the config is not even read

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from vit22b import checkpointing, models
+from vit22b import models
+from vit22b.train import checkpointing
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 sys.path.insert(0, DATA)

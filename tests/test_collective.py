@@ -9,7 +9,7 @@ SCRIPT = r"""
 import json, re
 import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
-from vit22b import collective, sharding
+from vit22b.parallel import collective, sharding
 from vit22b.models import vit
 
 out = {}

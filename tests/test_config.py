@@ -5,7 +5,8 @@ import jax
 import pytest
 
 from conftest import CONFIGS, config, fake_fashion_mnist, override, run_main
-from vit22b import config_check, models, train
+from vit22b import config_check, models
+from vit22b.train import loop
 from vit22b.config_args import parse_arg
 
 ALL_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*.py"))
@@ -119,6 +120,6 @@ def test_every_config_runs_at_a_tiny_size(name, tmp_path):
     c.schedule.warmup_steps = min(c.schedule.warmup_steps, 2)
     if "cooldown_steps" in c.schedule:
         c.schedule.cooldown_steps = min(c.schedule.cooldown_steps, 2)
-    out = train.run(c, str(tmp_path))
+    out = loop.run(c, str(tmp_path))
     assert out["step"] == 6 and 0.0 <= out["eval/accuracy"] <= 1.0
     assert (tmp_path / "checkpoints" / "6").is_dir()

@@ -186,7 +186,7 @@ def test_bf16_train_step_keeps_block_matmuls_in_bf16(design, monkeypatch):
 
 
 def test_without_bf16_instructions_dense_layers_multiply_in_float32(monkeypatch):
-    """On a CPU without bf16 matmul instructions (vit22b/host_cpu.py) the dense layers' matmuls, forward and
+    """On a CPU without bf16 matmul instructions (vit22b/tools/host_cpu.py) the dense layers' matmuls, forward and
     backward, take float32 operands (faster there: ViT-B/16 bf16 steps 10.7 -> 8.3 s on a Zen 3); attention's
     small per-head products stay bf16, which was faster there for them."""
     monkeypatch.setenv("VIT22B_BF16_DOTS", "float32")
@@ -225,7 +225,7 @@ def test_concatenate_and_split_equal_jnp(dtype):
 @pytest.mark.parametrize("features", [48, 16])
 def test_bf16_dense_backward_stays_on_bf16_dots(features, monkeypatch):
     # Natively, all three matmuls take bf16 operands. On a CPU without bf16 matmul instructions
-    # (VIT22B_BF16_DOTS=float32, vit22b/host_cpu.py) they take the same bf16 values converted to float32, which
+    # (VIT22B_BF16_DOTS=float32, vit22b/tools/host_cpu.py) they take the same bf16 values converted to float32, which
     # gives the native result to float32 rounding: a bf16 x bf16 product is exact in float32.
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 6, 32))
     w = jax.random.normal(jax.random.PRNGKey(1), (32, features)) / 6
@@ -260,7 +260,7 @@ def test_float32_dense_gradient_transposes_the_narrower_operand(features):
     # ViT-22B block's [768, 5376] projection). And every dot contracts the last axis of its first operand, the
     # form XLA:CPU gives YNNPACK: folding the final transpose into the product made it contract x's leading axis
     # in Eigen instead (55 GFLOP/s for SwinV2-T's first fc2 on a Zen 3). Values equal autodiff of the plain einsum.
-    from vit22b import breakdown
+    from vit22b.tools import breakdown
     d, f = features
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, d))
     w = jax.random.normal(jax.random.PRNGKey(1), (d, f)) / 4
@@ -317,7 +317,8 @@ COMPARE = r"""
 import json, sys, flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from test_cpu_kernels import WHOLE_MODELS
-from vit22b import models, sharding
+from vit22b import models
+from vit22b.parallel import sharding
 
 def values_and_grads(name, impl, dtype, mesh_spec, extra):
     family, cfg, size = WHOLE_MODELS[name]

@@ -1,7 +1,7 @@
-"""vit22b/host_cpu.py: reading the CPU's bf16 matmul instructions, and the choice of how dense layers multiply bf16."""
+"""vit22b/tools/host_cpu.py: reading the CPU's bf16 matmul instructions, and the choice of how dense layers multiply bf16."""
 import pytest
 
-from vit22b import host_cpu
+from vit22b.tools import host_cpu
 
 ZEN3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma\n"
 ZEN4 = ZEN3.replace("7B13", "9B14").replace("fma", "fma avx512f avx512_bf16")

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import CONFIGS, REPO, config, cpu_env, data_tool, run_main
-from vit22b import input_pipeline, preprocess, records
+from vit22b.input import pipeline, preprocess, records
 
 PP = "decode|inception_crop(16)|flip_lr|randaug(2, 9)|value_range(-1, 1)"
 MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5}
@@ -32,8 +32,8 @@ def numbered(tmp_path_factory):
 
 
 def _batches(source, n, *, workers=0, state=None, **kw):
-    ds = input_pipeline.train_dataset(source, seed=7, batch_size=8, pp=PP, num_classes=64, mix=MIX, **kw)
-    it = input_pipeline.train_iterator(ds, num_threads=2, prefetch=2, num_workers=workers)
+    ds = pipeline.train_dataset(source, seed=7, batch_size=8, pp=PP, num_classes=64, mix=MIX, **kw)
+    it = pipeline.train_iterator(ds, num_threads=2, prefetch=2, num_workers=workers)
     if state is not None:
         it.set_state(state)
     out = [next(it) for _ in range(n)]
@@ -104,7 +104,7 @@ def test_multi_label_csv(tmp_path):
     meta = records.read_meta(str(tmp_path / "out"))
     assert meta["multi_label"] and meta["class_names"] == ["cat", "dog"]
     source = records.RecordSource(str(tmp_path / "out"), "train")
-    batch = next(iter(input_pipeline.eval_batches(source, batch_size=6, pp="decode|value_range(-1, 1)",
+    batch = next(iter(pipeline.eval_batches(source, batch_size=6, pp="decode|value_range(-1, 1)",
                                                   num_classes=2, multi_label=True)))
     np.testing.assert_array_equal(batch["label"].sum(0), [3, 6])  # multi-hot
 
@@ -127,17 +127,17 @@ def test_processes_read_disjoint_complete_shards(numbered):
     source = records.RecordSource(numbered, "train")
     seen = []
     for p in range(2):
-        ds = input_pipeline.train_dataset(source, seed=1, batch_size=16, pp="decode|value_range(-1, 1)",
+        ds = pipeline.train_dataset(source, seed=1, batch_size=16, pp="decode|value_range(-1, 1)",
                                           num_classes=64, process_index=p, process_count=2)
         seen.append(np.concatenate([ds[i]["label"] for i in range(4)]))  # one epoch: 4 global batches
     assert not set(seen[0]) & set(seen[1])
     assert sorted(np.concatenate(seen)) == list(range(64))
-    one = input_pipeline.train_dataset(source, seed=1, batch_size=16, pp="decode|value_range(-1, 1)",
+    one = pipeline.train_dataset(source, seed=1, batch_size=16, pp="decode|value_range(-1, 1)",
                                        num_classes=64)
     np.testing.assert_array_equal(np.sort(np.concatenate([one[i]["label"] for i in range(4)])), np.arange(64))
     counted = []
     for p in range(2):  # evaluation: every example once, padding masked
-        for b in input_pipeline.eval_batches(source, batch_size=20, pp="decode|value_range(-1, 1)",
+        for b in pipeline.eval_batches(source, batch_size=20, pp="decode|value_range(-1, 1)",
                                              num_classes=64, process_index=p, process_count=2):
             counted += b["label"][b["mask"] > 0].tolist()
     assert sorted(counted) == list(range(64))
@@ -157,17 +157,17 @@ def _with_bad_records(out):
 def test_bad_records_are_skipped_and_counted_or_stop_the_run(tmp_path):
     source = records.RecordSource(_with_bad_records(tmp_path / "bad"), "train")
     pp = "decode(3, (24, 24))|value_range(-1, 1)"
-    ds = input_pipeline.train_dataset(source, seed=0, batch_size=11, pp=pp, num_classes=10)
+    ds = pipeline.train_dataset(source, seed=0, batch_size=11, pp=pp, num_classes=10)
     epoch = [ds[i] for i in range(3)]  # 33 records = 3 batches
     assert sum(int(b["bad"].sum()) for b in epoch) == 3
     assert sum(int((b["mask"] == 0).sum()) for b in epoch) == 3
     for b in epoch:
         assert np.all(b["image"][b["mask"] == 0] == 0)
-    ev = list(input_pipeline.eval_batches(source, batch_size=16, pp=pp, num_classes=10))
+    ev = list(pipeline.eval_batches(source, batch_size=16, pp=pp, num_classes=10))
     assert sum(int(b["bad"].sum()) for b in ev) == 3 and sum(float(b["mask"].sum()) for b in ev) == 30
-    strict = input_pipeline.train_dataset(source, seed=0, batch_size=33, pp=pp, num_classes=10,
+    strict = pipeline.train_dataset(source, seed=0, batch_size=33, pp=pp, num_classes=10,
                                           on_bad_record="error")
-    with pytest.raises(input_pipeline.BadRecordError, match=r"record (corrupt_a|wrong_shape|empty): "):
+    with pytest.raises(pipeline.BadRecordError, match=r"record (corrupt_a|wrong_shape|empty): "):
         strict[0]
     # Through the trainer: counted in metrics.jsonl, never silently lost.
     w = tmp_path / "run"
@@ -187,8 +187,8 @@ def test_label_out_of_range_is_an_error_naming_the_record(tmp_path):
     records.write_split(str(tmp_path), "train", [(records.png_bytes(img), lab, f"rec{i}")
                                                  for i, (img, lab) in enumerate(zip(images, [0, 1, 12, 2]))])
     source = records.RecordSource(str(tmp_path), "train")
-    ds = input_pipeline.train_dataset(source, seed=0, batch_size=4, pp="decode|value_range(-1, 1)", num_classes=10)
-    with pytest.raises(input_pipeline.BadRecordError, match=r"record rec2: label 12 out of range \[0, 10\)"):
+    ds = pipeline.train_dataset(source, seed=0, batch_size=4, pp="decode|value_range(-1, 1)", num_classes=10)
+    with pytest.raises(pipeline.BadRecordError, match=r"record rec2: label 12 out of range \[0, 10\)"):
         ds[0]
 
 
@@ -196,9 +196,9 @@ def test_tfds_data_source_with_mock_data(tmp_path):
     import tensorflow_datasets as tfds
     (tmp_path / "cifar10").mkdir()
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        source = input_pipeline.dataset_module("cifar10").load("train", str(tmp_path))
+        source = pipeline.dataset_module("cifar10").load("train", str(tmp_path))
         assert len(source) == 24
-        ds = input_pipeline.train_dataset(source, seed=0, batch_size=8, pp="decode(3, (32, 32))|flip_lr|value_range",
+        ds = pipeline.train_dataset(source, seed=0, batch_size=8, pp="decode(3, (32, 32))|flip_lr|value_range",
                                           num_classes=10)
         batch = ds[0]
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].min() >= -1 and batch["bad"].sum() == 0
@@ -206,11 +206,11 @@ def test_tfds_data_source_with_mock_data(tmp_path):
 
 
 def test_missing_tfds_dataset_names_the_folder_and_the_command(tmp_path):
-    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
-        input_pipeline.dataset_module("imagenet2012").load("train", str(tmp_path))
+    with pytest.raises(pipeline.DatasetNotFoundError) as e:
+        pipeline.dataset_module("imagenet2012").load("train", str(tmp_path))
     assert f"{tmp_path}/imagenet2012" in str(e.value) and "tfds build imagenet2012" in str(e.value)
-    with pytest.raises(input_pipeline.DatasetNotFoundError, match="make_arrayrecord.py fashion_mnist"):
-        input_pipeline.dataset_module("fashion_mnist").load("train", str(tmp_path))
+    with pytest.raises(pipeline.DatasetNotFoundError, match="make_arrayrecord.py fashion_mnist"):
+        pipeline.dataset_module("fashion_mnist").load("train", str(tmp_path))
 
 
 def test_official_swin_eval_transform_matches_torchvision():
@@ -256,7 +256,7 @@ def test_preprocess_errors_name_the_field():
 
 
 def test_data_benchmark_prints_images_per_second(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "vit22b.data_bench", "--images=48", "--size=64", "--batch=8",
+    r = subprocess.run([sys.executable, "-m", "vit22b.tools.data_bench", "--images=48", "--size=64", "--batch=8",
                         "--batches=3", "--workers=0,1", f"--dir={tmp_path}",
                         "--pp=decode|inception_crop(32)|flip_lr|randaug(2, 9)|value_range(-1, 1)"], cwd=REPO, capture_output=True,
                        text=True, env=cpu_env(), timeout=300)

@@ -12,8 +12,8 @@ SCRIPT = r"""
 import json, sys, jax, numpy as np, orbax.checkpoint as ocp
 sys.path.insert(0, "tests")
 from conftest import config
-from vit22b import train
-from vit22b.metrics_writer import read_metrics
+from vit22b.train import loop
+from vit22b.train.metrics import read_metrics
 out = {}
 SWIN_MESHES = ("data:1", "data:2,model:4", "data:2,fsdp:2,model:2")  # Swin compiles slowly: the telling meshes
 for name in sys.argv[3].split(","):
@@ -33,7 +33,7 @@ for name in sys.argv[3].split(","):
             c.model.depth = 2
             c.model.parallel_linear = linear or "xla"
         wd = f"{sys.argv[1]}/{name}/{run.replace(':', '').replace(',', '_').replace('|', '_')}"
-        train.run(c, wd)
+        loop.run(c, wd)
         with ocp.StandardCheckpointer() as ck:
             state = ck.restore(f"{wd}/checkpoints/3/state")
         leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(state["params"])]
@@ -42,7 +42,7 @@ for name in sys.argv[3].split(","):
 out["tensorflow"] = "tensorflow" in sys.modules
 if jax.device_count() == 8:  # saving replicated shards compiles nothing (orbax's replica-parallel split would)
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from vit22b import checkpointing
+    from vit22b.train import checkpointing
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     tree = {f"w{i}": jax.device_put(np.ones((8 + i, 4), np.float32), NamedSharding(mesh, P(None, "model")))
             for i in range(20)}

@@ -5,7 +5,7 @@ import socket
 import subprocess
 
 from conftest import CONFIGS, REPO, cpu_env, main_cmd
-from vit22b.metrics_writer import read_metrics
+from vit22b.train.metrics import read_metrics
 
 SPEC = f"{CONFIGS}/vit22b_digits.py:runlocal"
 # A constant schedule, so that extending total_steps on resume does not change the earlier learning rates.

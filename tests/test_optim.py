@@ -5,7 +5,7 @@ import optax
 import pytest
 from ml_collections import ConfigDict
 
-from vit22b import losses, optim
+from vit22b.train import losses, optim
 
 
 def test_rsqrt_schedule_with_warmup_and_cooldown():

@@ -47,9 +47,10 @@ def test_dry_run_plans_the_reference_program(tmp_path, monkeypatch):
     """The planning host is a CPU; the plan is of what an accelerator runs: the reference layers, also when the
     config asks for the CPU kernels (and whatever this CPU's bf16 instructions)."""
     from conftest import config
-    from vit22b import planner, train
+    from vit22b.parallel import planner
+    from vit22b.train import loop
     seen = []
-    real = train.build_model
+    real = loop.build_model
     monkeypatch.setattr(train, "build_model", lambda c, n: seen.append(c.model.impl) or real(c, n))
     monkeypatch.setenv("VIT22B_BF16_DOTS", "float32")
     c = config("vit22b_digits", **{"model.impl": "cpu", "model.dtype": "bfloat16"})

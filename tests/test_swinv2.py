@@ -7,8 +7,8 @@ import pytest
 
 from conftest import CONFIGS, config, override, run_main
 from vit22b import config_check, models
-from vit22b.memory_report import train_step_memory
-from vit22b.metrics_writer import read_metrics
+from vit22b.tools.memory_report import train_step_memory
+from vit22b.train.metrics import read_metrics
 
 
 def count(variant, img=256, window=8, classes=1000):

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2  # noqa: E402
 
-from vit22b import convert  # noqa: E402
+from vit22b.models import convert  # noqa: E402
 
 
 def perturb_(model, seed=0):
@@ -177,17 +177,18 @@ def test_safetensors(tmp_path):
 
 
 def test_convert_command_and_model_init(tmp_path):
-    """`python -m vit22b.convert` writes an Orbax checkpoint that `config.model_init` starts training from."""
+    """`python -m vit22b.models.convert` writes an Orbax checkpoint that `config.model_init` starts training from."""
     import subprocess
     import sys
 
     from conftest import REPO, config
-    from vit22b import checkpointing, sharding, train
+    from vit22b.parallel import sharding
+    from vit22b.train import checkpointing, loop
     source = TimmSwinV2(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(1, 1, 2, 1),
                         num_heads=(2, 2, 4, 8), num_classes=10, in_chans=1)
     torch.save({"model": perturb_(source, seed=5).state_dict()}, tmp_path / "digits_swin.pth")
     out = tmp_path / "converted"
-    r = subprocess.run([sys.executable, "-m", "vit22b.convert", "--checkpoint", str(tmp_path / "digits_swin.pth"),
+    r = subprocess.run([sys.executable, "-m", "vit22b.models.convert", "--checkpoint", str(tmp_path / "digits_swin.pth"),
                         "--img", "32", "--window", "4", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "1,442,558 parameters" in r.stdout
@@ -195,13 +196,13 @@ def test_convert_command_and_model_init(tmp_path):
     c = config("swinv2_imagenet", total_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
     c.schedule.warmup_steps = 1
     mesh = sharding.make_mesh()
-    model = train.build_model(c, 10)
-    state, shardings, _, _ = train.create_train_state(model, c, mesh, (32, 32, 1))
+    model = loop.build_model(c, 10)
+    state, shardings, _, _ = loop.create_train_state(model, c, mesh, (32, 32, 1))
     loaded = checkpointing.load_params(str(out), state["params"], shardings["params"])
     _, expected = convert.load_swinv2(tmp_path / "digits_swin.pth", img_size=32, window_size=4)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, expected))
     c.model_init = str(out)
-    assert train.run(c, str(tmp_path / "run"))["step"] == 2
+    assert loop.run(c, str(tmp_path / "run"))["step"] == 2
     c.model.embed_dim = 48  # a model the checkpoint does not fit: the error names the parameter
     with pytest.raises(ValueError, match=r"config.model_init: \[.head.\]\[.kernel.\] has shape \(256, 10\).*wants \(384, 10\)"):
-        train.run(c, str(tmp_path / "run2"))
+        loop.run(c, str(tmp_path / "run2"))

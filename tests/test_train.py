@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import CONFIGS, REPO, config, cpu_env, main_cmd, run_main
-from vit22b import checkpointing, sharding, train
-from vit22b.metrics_writer import read_metrics
+from vit22b.parallel import sharding
+from vit22b.train import checkpointing, loop
+from vit22b.train.metrics import read_metrics
 
 TOTAL = 80
 FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every=1", "--config.checkpoint_every=10",
@@ -90,7 +91,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, reference):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = train.to_device
+    original = loop.to_device
 
     def poisoned(batch, mesh):
         calls["n"] += 1
@@ -100,8 +101,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(train, "to_device", poisoned)
     c = config("vit22b_digits", total_steps=40, log_every=5, checkpoint_every=5, eval_every=100)
-    with pytest.raises(train.NonFiniteLossError, match="train/loss is nan at step 15"):
-        train.run(c, str(tmp_path))
+    with pytest.raises(loop.NonFiniteLossError, match="train/loss is nan at step 15"):
+        loop.run(c, str(tmp_path))
     saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == 10  # step 15's state was never written
     manager = checkpointing.make_manager(str(tmp_path), 2)
@@ -134,17 +135,17 @@ def test_the_step_without_norms_makes_the_same_update():
     c = config("vit22b_digits", "runlocal")
     c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
     mesh = sharding.make_mesh("data:-1")
-    model = train.build_model(c, 10)
+    model = loop.build_model(c, 10)
     size = c.input.image_size
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (16, size, size, 3)).astype(np.float32),
              "label": rng.integers(0, 10, 16).astype(np.int32), "mask": np.ones(16, np.float32)}
     out = {}
-    with sharding.activate(mesh, train.rules_of(c)):
+    with sharding.activate(mesh, loop.rules_of(c)):
         for norms in (True, False):
-            state, shardings, tx, lr_fn = train.create_train_state(model, c, mesh, (size, size, 3))
-            step = train.make_train_step(model, tx, lr_fn, c, shardings, mesh, norms=norms)
-            out[norms] = jax.device_get(step(state, train.to_device(batch, mesh)))
+            state, shardings, tx, lr_fn = loop.create_train_state(model, c, mesh, (size, size, 3))
+            step = loop.make_train_step(model, tx, lr_fn, c, shardings, mesh, norms=norms)
+            out[norms] = jax.device_get(step(state, loop.to_device(batch, mesh)))
     (full_state, full), (quiet_state, quiet) = out[True], out[False]
     assert set(full) - set(quiet) == {"param_norm", "update_norm"} and set(quiet) <= set(full)
     assert all(quiet[k] == full[k] for k in quiet)

@@ -3,7 +3,10 @@ import re
 
 import jax
 
-from vit22b import losses, models, optim, preprocess, sharding
+from vit22b import models
+from vit22b.input import preprocess
+from vit22b.parallel import sharding
+from vit22b.train import losses, optim
 
 TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",

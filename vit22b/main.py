@@ -57,15 +57,17 @@ def main(argv):
         _simulate_devices(config)
     if not flags.FLAGS.dry_run:
         _init_distributed()
-    from vit22b import config_check, input_pipeline, train  # after flag parsing, so --help stays fast
+    from vit22b import config_check
+    from vit22b.input import pipeline
+    from vit22b.train import loop  # after flag parsing, so --help stays fast
     try:
         if flags.FLAGS.dry_run:
-            from vit22b import planner
+            from vit22b.parallel import planner
             planner.print_plan(planner.plan(config, flags.FLAGS.workdir, flags.FLAGS.memory_per_device_gib))
             return
-        train.run(config, flags.FLAGS.workdir)
-    except (config_check.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.BadRecordError,
-            train.NonFiniteLossError) as e:
+        loop.run(config, flags.FLAGS.workdir)
+    except (config_check.ConfigError, pipeline.DatasetNotFoundError, pipeline.BadRecordError,
+            loop.NonFiniteLossError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

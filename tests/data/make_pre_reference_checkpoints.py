@@ -1,4 +1,4 @@
-"""Writes tests/data/pre_reference/: tiny models' parameters as `python -m vit22b.convert` writes them (Orbax
+"""Writes tests/data/pre_reference/: tiny models' parameters as `python -m vit22b.models.convert` writes them (Orbax
 params checkpoints for config.model_init), with inputs, logits and the seed-0 initialisation, computed by the code
 before the reference layers replaced the CPU kernels (commit 55b95a6). tests/test_checkpoint_compat.py restores
 them into today's code. Run from the repository root: python tests/data/make_pre_reference_checkpoints.py

@@ -1,4 +1,8 @@
-"""Model registry: `config.model_name` picks a family, `config.model` holds its settings.
+"""Models: the ViT family with every ViT-22B change as a switch (vit.py), Swin Transformer V2 (swinv2.py), the
+reference layers they are built from (layers.py), the one attention entry point with its fused kernels
+(attention.py), the opt-in XLA:CPU kernels (cpu/), and weight converters from PyTorch checkpoints (convert.py).
+
+This module is the registry: `config.model_name` picks a family, `config.model` holds its settings.
 
 `resolve(name, model_cfg, num_classes, image_size)` turns a config into constructor kwargs and checks them,
 raising ValueErrors that start with the config field (`model.width: ...`) before anything is traced.

@@ -2,7 +2,7 @@
 
 Tokens are NHWC throughout. Module and parameter names mirror the official state-dict keys
 (`layers_0/blocks_1/attn/cpb_mlp_0`, `layers_0/downsample/reduction`, ...) so that weight import is a
-rename plus transposes (vit22b/convert.py). Faithfulness traps handled here: LayerNorm eps 1e-5, exact GELU,
+rename plus transposes (vit22b/models/convert.py). Faithfulness traps handled here: LayerNorm eps 1e-5, exact GELU,
 cosine attention without 1/sqrt(d), logit scale clamped at log(100) with the gradient passing at equality,
 a zero and untrainable k bias, the -100 shift mask added after the position bias, the clamped window feeding
 the coordinate table, PatchMerging's x0,x1,x2,x3 order with reduction before norm, and zero-initialised block

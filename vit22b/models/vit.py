@@ -3,7 +3,7 @@
 ViT-22B design = block='parallel', qk_norm=True, qkv_bias=False, norm='rmsnorm', head='map'.
 Classic ViT     = block='sequential', qk_norm=False, qkv_bias=True, norm='layernorm', head='token'.
 
-Parameters carry logical axis names (see vit22b/sharding.py); activations are annotated with
+Parameters carry logical axis names (see vit22b/parallel/sharding.py); activations are annotated with
 `nn.with_logical_constraint`, which is a no-op outside a mesh context.
 """
 import functools
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from vit22b import collective, sharding
+from vit22b.parallel import collective, sharding
 from vit22b.models.layers import REFERENCE, Dense, Norm, NormParams, Ops, PatchEmbed, ops
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
@@ -131,7 +131,7 @@ class ParallelBlock(nn.Module):
     in_kernel  [d, 3d + m] and out_kernel [d + m, d], head-major (see `parallel_block_apply`).
     parallel_linear='xla' lets XLA's partitioner place the collectives; 'collective' runs the block in
     `jax.shard_map` with the activations split on features over the `heads` mesh axis and the two fused
-    matmuls as all-gather and reduce-scatter rings (vit22b/collective.py), heads device-local.
+    matmuls as all-gather and reduce-scatter rings (vit22b/parallel/collective.py), heads device-local.
     """
     num_heads: int
     mlp_dim: int

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit22b.models import layers as reference
-from vit22b import host_cpu
+from vit22b.tools import host_cpu
 
 def _pack(x):
     """A residual for the backward pass, bf16 stored as its uint16 bits. Under a scan, XLA:CPU writes stacked
@@ -24,7 +24,7 @@ def _unpack(r):
 
 def dense(x, kernel, dtype, precision=None):
     """x @ kernel in `dtype`, accumulated in float32 (the fast bf16 path on CPU, exact on TPU/GPU). On a CPU
-    without bf16 matmul instructions, bf16 operands are multiplied as float32 (vit22b/host_cpu.py)."""
+    without bf16 matmul instructions, bf16 operands are multiplied as float32 (vit22b/tools/host_cpu.py)."""
     if jnp.dtype(dtype) == jnp.float32:
         return _f32_dense(x.astype(dtype), kernel.astype(dtype), precision)
     return _low_precision_dense(x.astype(dtype), kernel, _upcast_low_precision())

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: decoded + augmented images per second for JPEG-encoded data, by worker count.
 
-  python -m vit22b.data_bench                      # 224-px JPEGs, ImageNet training chain, 0 / 1 / 2 workers
-  python -m vit22b.data_bench --workers=0,4,8 --pp="decode|resize_small(256)|central_crop(224)|normalize"
+  python -m vit22b.tools.data_bench                      # 224-px JPEGs, ImageNet training chain, 0 / 1 / 2 workers
+  python -m vit22b.tools.data_bench --workers=0,4,8 --pp="decode|resize_small(256)|central_crop(224)|normalize"
 
 Writes --images synthetic photos-like JPEGs (smooth colour fields with noise and edges, --size pixels square)
 to an ArrayRecord file, then times the real training pipeline (RecordSource -> decode -> chain -> batch)
@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from vit22b import input_pipeline, records
+from vit22b.input import pipeline, records
 
 flags.DEFINE_integer("images", 512, "Distinct JPEGs to write.")
 flags.DEFINE_integer("size", 224, "Side of the stored JPEGs, pixels.")
@@ -49,8 +49,8 @@ def write_jpegs(directory, n, size, seed=0):
 
 
 def measure(source, pp, batch, batches, workers, threads):
-    ds = input_pipeline.train_dataset(source, seed=0, batch_size=batch, pp=pp, num_classes=1000)
-    it = input_pipeline.train_iterator(ds, num_threads=threads, prefetch=2 * batch, num_workers=workers)
+    ds = pipeline.train_dataset(source, seed=0, batch_size=batch, pp=pp, num_classes=1000)
+    it = pipeline.train_iterator(ds, num_threads=threads, prefetch=2 * batch, num_workers=workers)
     next(it)  # warm-up: worker start-up and the first batch
     t0 = time.perf_counter()
     for _ in range(batches):

@@ -1,17 +1,19 @@
-"""Grain input pipelines over the dataset definitions in the repository's `data/` folder.
+"""Grain input pipelines over dataset definitions: those the package ships (vit22b/input/datasets/NAME.py) and
+user-added ones (`data/NAME.py` under the working directory, or `input.data` given as a path to a .py file).
 
-A dataset definition `data/NAME.py` exposes NUM_CLASSES, IMAGE_SHAPE (None if variable) and MULTI_LABEL (or an
+A dataset definition exposes NUM_CLASSES, IMAGE_SHAPE (None if variable) and MULTI_LABEL (or an
 `info(data_dir)` function returning them) and `load(split, data_dir)` returning a random-access source of
 {'image': encoded bytes or an HWC array, 'label', optionally '_record' (a name for error messages)}.
-Sources: in-memory arrays (ArraySource), local ArrayRecord files (vit22b/records.py, written by
+Sources: in-memory arrays (ArraySource), local ArrayRecord files (vit22b/input/records.py, written by
 data/make_arrayrecord.py) and TFDS ArrayRecord preparations (`tfds.data_source`).
 
 Training batches come from a seeded, repeated, per-epoch-reshuffled MapDataset; every example is transformed
-by the preprocess chain (vit22b/preprocess.py) with an RNG seeded by (seed, position), so a batch depends only
+by the preprocess chain (vit22b/input/preprocess.py) with an RNG seeded by (seed, position), so a batch depends only
 on (seed, position) -- not on worker processes or threads -- and the iterator state saved in the checkpoint is
 just that position.
 """
 import dataclasses
+import importlib
 import importlib.util
 import math
 import os
@@ -21,9 +23,10 @@ import grain
 import numpy as np
 from absl import logging
 
-from vit22b import preprocess
+from vit22b.input import preprocess
 
-DATA_DEFS = Path(__file__).resolve().parents[1] / "data"
+SHIPPED = Path(__file__).resolve().parent / "datasets"
+USER_DEFS = Path("data")  # relative to the working directory: a clone's data/ folder
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -46,12 +49,20 @@ class ArraySource:
 
 
 def dataset_module(name):
-    """Import data/NAME.py by path (the definitions are data, not part of the installed package)."""
-    path = DATA_DEFS / f"{name}.py"
+    """The definition named by `input.data`: a shipped one (vit22b/input/datasets/NAME.py), else a user-added
+    `data/NAME.py` under the working directory, or a path to a .py file."""
+    if name.endswith(".py"):
+        path = Path(name).expanduser()
+    elif (SHIPPED / f"{name}.py").is_file():
+        return importlib.import_module(f"vit22b.input.datasets.{name}")
+    else:
+        path = USER_DEFS / f"{name}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in DATA_DEFS.glob("*.py") if not p.stem.startswith("_"))
-        raise DatasetNotFoundError(f"input.data: no dataset definition {path}; known datasets: {known}")
-    spec = importlib.util.spec_from_file_location(f"vit22b_data_{name}", path)
+        known = sorted({p.stem for d in (SHIPPED, USER_DEFS) for p in d.glob("*.py")
+                        if not p.stem.startswith("_") and p.stem != "make_arrayrecord"})
+        raise DatasetNotFoundError(f"input.data: no dataset definition {name!r} (looked in {SHIPPED} and "
+                                   f"{USER_DEFS.resolve()}); known datasets: {known}")
+    spec = importlib.util.spec_from_file_location(f"vit22b_data_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -123,7 +134,7 @@ class DatasetInfo:
 
 def dataset_info(module, data_dir=None):
     """A dataset definition's classes and image shape: module constants, or its `info(data_dir)` for definitions
-    that read them from the data (data/arrayrecord.py)."""
+    that read them from the data (vit22b/input/datasets/arrayrecord.py)."""
     if hasattr(module, "info"):
         info = module.info(data_dir)
         return DatasetInfo(info["num_classes"], tuple(info["image_shape"]) if info.get("image_shape") else None,

@@ -16,8 +16,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from vit22b import checkpointing, config_check, input_pipeline, losses, models, optim, preprocess, sharding
-from vit22b.metrics_writer import MetricsWriter
+from vit22b import config_check, models
+from vit22b.input import pipeline, preprocess
+from vit22b.parallel import sharding
+from vit22b.train import checkpointing, losses, optim
+from vit22b.train.metrics import MetricsWriter
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -127,7 +130,7 @@ def evaluate(eval_step, params, source, config, mesh, info):
     """Top-1 accuracy and mean loss over every example of `source` exactly once."""
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     bad = 0
-    for batch in input_pipeline.eval_batches(source, **pipeline_kwargs(config, info, "eval")):
+    for batch in pipeline.eval_batches(source, **pipeline_kwargs(config, info, "eval")):
         bad += int(batch.pop("bad").sum())
         out = jax.device_get(eval_step(params, to_device(_model_inputs(batch), mesh)))
         for k in totals:
@@ -155,9 +158,9 @@ def load_data(config):
     """Dataset info plus train/eval sources; a missing dataset fails here, before any compilation.
 
     Returns (info, train_source, eval_source or None, model input shape (H, W, C))."""
-    module = input_pipeline.dataset_module(config.input.data)
-    ddir = input_pipeline.data_dir(config.input)
-    info = input_pipeline.dataset_info(module, ddir)
+    module = pipeline.dataset_module(config.input.data)
+    ddir = pipeline.data_dir(config.input)
+    info = pipeline.dataset_info(module, ddir)
     train_src = module.load(config.input.get("split", "train"), ddir)
     eval_split = config.input.get("eval_split")
     eval_src = module.load(eval_split, ddir) if eval_split else None
@@ -168,7 +171,7 @@ def load_data(config):
 def pipeline_kwargs(config, info, split="train"):
     """The input-pipeline arguments a config asks for, for training or evaluation."""
     inp = config.input
-    pp = inp.get("pp_train" if split == "train" else "pp_eval") or input_pipeline.default_pp(
+    pp = inp.get("pp_train" if split == "train" else "pp_eval") or pipeline.default_pp(
         inp.image_size, info.channels)
     kw = dict(pp=pp, num_classes=info.num_classes, multi_label=info.multi_label,
               on_bad_record=inp.get("on_bad_record", "skip"),
@@ -201,7 +204,7 @@ def run(config, workdir):
 def check_pipeline_output(config, info, source, image_shape, split):
     """The preprocess chain must produce the model's input shape; say so before anything compiles."""
     kw = pipeline_kwargs(config, info, split)
-    ex = input_pipeline.placeholder_for(source, preprocess.parse(kw["pp"]), info.num_classes, info.multi_label)
+    ex = pipeline.placeholder_for(source, preprocess.parse(kw["pp"]), info.num_classes, info.multi_label)
     if tuple(ex["image"].shape) != tuple(image_shape):
         field = "input.pp_train" if split == "train" else "input.pp_eval"
         raise config_check.ConfigError(
@@ -220,8 +223,8 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
     state, shardings, tx, lr_fn = create_train_state(model, config, mesh, image_shape)
     n_params = optim.count_params(state["params"])
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    dataset = input_pipeline.train_dataset(train_src, **pipeline_kwargs(config, info))
-    iterator = input_pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
+    dataset = pipeline.train_dataset(train_src, **pipeline_kwargs(config, info))
+    iterator = pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
                                              config.input.get("prefetch", 8), config.input.get("num_workers", 0))
     restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings))
     if restored is not None:

@@ -1,5 +1,5 @@
 """CIFAR-100 (32x32, 100 fine classes; splits train / test) prepared by TFDS in ArrayRecord format."""
-from vit22b.input_pipeline import tfds_source
+from vit22b.input.pipeline import tfds_source
 
 NUM_CLASSES = 100
 IMAGE_SHAPE = (32, 32, 3)

@@ -12,7 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b import config_check, input_pipeline, sharding, train
+from vit22b import config_check
+from vit22b.input import pipeline
+from vit22b.parallel import sharding
+from vit22b.train import loop
 
 
 def _per_device_bytes(abstract, shardings):
@@ -42,20 +45,20 @@ def vit_forward_flops(kw, image_size, channels=3):
 
 def plan(config, workdir, memory_per_device_gib=None):
     kw = config_check.validate(config)
-    data = input_pipeline.dataset_info(input_pipeline.dataset_module(config.input.data),
-                                       input_pipeline.data_dir(config.input))  # class count only: no data is read
+    data = pipeline.dataset_info(pipeline.dataset_module(config.input.data),
+                                       pipeline.data_dir(config.input))  # class count only: no data is read
     mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
     size, channels = config.input.image_size, data.channels
     # The program an accelerator runs: the reference layers, whatever model.impl says (the 'cpu' kernels are
     # for CPU hosts, and this host being a CPU says nothing about the target).
     config = config.copy_and_resolve_references()
     config.model.impl = "reference"
-    model = train.build_model(config, data.num_classes)
+    model = loop.build_model(config, data.num_classes)
     batch = config.input.batch_size
-    with sharding.activate(mesh, train.rules_of(config)):
-        _, _, abstract, shardings, tx, lr_fn = train.abstract_train_state(model, config, mesh, (size, size, channels))
-        step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
-        batch_shapes = train.abstract_batch(batch, (size, size, channels), data.num_classes, data.multi_label)
+    with sharding.activate(mesh, loop.rules_of(config)):
+        _, _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh, (size, size, channels))
+        step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh)
+        batch_shapes = loop.abstract_batch(batch, (size, size, channels), data.num_classes, data.multi_label)
         compiled = step.lower(abstract, batch_shapes).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()

@@ -7,8 +7,8 @@ DATA_DIR/fashion_mnist (DATA_DIR = --config.input.data_dir or $TFDS_DATA_DIR or 
 """
 import os
 
-from vit22b import records
-from vit22b.input_pipeline import DatasetNotFoundError, require_prepared
+from vit22b.input import records
+from vit22b.input.pipeline import DatasetNotFoundError, require_prepared
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)

@@ -1,6 +1,6 @@
 """Peak memory of a config's train step from XLA's compiled memory analysis: compile only, never allocate.
 
-  python -m vit22b.memory_report --config=configs/swinv2_imagenet.py:variant=B,img=512,window=32 --batch=8
+  python -m vit22b.tools.memory_report --config=configs/swinv2_imagenet.py:variant=B,img=512,window=32 --batch=8
 
 prints one line per setting: as configured, with per-block remat, with sequential (chunked) window
 attention, and with both; `temp` is the activation/workspace memory XLA plans for one step.
@@ -9,7 +9,9 @@ import json
 
 import jax
 
-from vit22b import config_check, sharding, train
+from vit22b import config_check
+from vit22b.parallel import sharding
+from vit22b.train import loop
 
 
 def train_step_memory(config, batch_size, channels=3):
@@ -17,12 +19,12 @@ def train_step_memory(config, batch_size, channels=3):
     config_check.validate(config)
     mesh = sharding.make_mesh("data:1", jax.devices()[:1])
     size = config.input.image_size
-    model = train.build_model(config, num_classes=1000)
-    batch = train.abstract_batch(batch_size, (size, size, channels), 1000)
-    with sharding.activate(mesh, train.rules_of(config)):
-        _, _, abstract, shardings, tx, lr_fn = train.abstract_train_state(model, config, mesh,
+    model = loop.build_model(config, num_classes=1000)
+    batch = loop.abstract_batch(batch_size, (size, size, channels), 1000)
+    with sharding.activate(mesh, loop.rules_of(config)):
+        _, _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh,
                                                                           (size, size, channels))
-        step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh)
+        step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh)
         m = step.lower(abstract, batch).compile().memory_analysis()
     return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
             "generated_code": m.generated_code_size_in_bytes}

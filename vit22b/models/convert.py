@@ -3,7 +3,7 @@ with the legacy `rpe_mlp` name) and timm state dicts, read safely (safetensors, 
 `weights_only=True`: a pickle that would run code is refused).
 
 From Python:   module, params = load_swinv2("swinv2_tiny_patch4_window8_256.pth", img_size=256, window_size=8)
-From a shell:  python -m vit22b.convert --checkpoint F.pth --variant T --img 256 --window 8 --out DIR
+From a shell:  python -m vit22b.models.convert --checkpoint F.pth --variant T --img 256 --window 8 --out DIR
                then train from it with --config.model_init=DIR.
 """
 import re

@@ -1,9 +1,9 @@
 """How fast does a config train here, and how close is that to the machine's matmul ceiling?
 
-  python -m vit22b.bench --config=configs/vit_imagenet.py:variant=B/16 --config.input.batch_size=8
-  python -m vit22b.bench --config=configs/swinv2_imagenet.py:variant=T --config.input.batch_size=8 --vs=timm
-  python -m vit22b.bench --config=... --forward            # the inference forward instead of the train step
-  python -m vit22b.bench --config=... --breakdown          # also: matmuls / batched matmuls / the rest (CPU)
+  python -m vit22b.tools.bench --config=configs/vit_imagenet.py:variant=B/16 --config.input.batch_size=8
+  python -m vit22b.tools.bench --config=configs/swinv2_imagenet.py:variant=T --config.input.batch_size=8 --vs=timm
+  python -m vit22b.tools.bench --config=... --forward            # the inference forward instead of the train step
+  python -m vit22b.tools.bench --config=... --breakdown          # also: matmuls / batched matmuls / the rest (CPU)
 
 Times the real jitted, donated train step of the config (model, optimizer, dtypes, mesh; the variant the loop
 runs between log steps) on synthetic batches of the configured shapes, after warm-up, and prints one JSON line:
@@ -11,14 +11,14 @@ compile_s, step_s (median and min over --steps), img_per_s, forward GFLOP per im
 unrolled model, and an analytic count), achieved model GFLOP/s (3 x forward for training), the matmul ceilings
 measured in the same process (a large f32 matmul, and bf16 x bf16 -> f32), MFU against the ceiling of the
 config's dtype, peak memory from XLA's compiled memory analysis, whether the host allocator uses huge pages
-(vit22b/hugepages.py) and the CPU time and page faults of each timed step (host_time_per_step: user and system
-seconds, all threads), and the host CPU and how the dense layers multiply bf16 on it (vit22b/host_cpu.py).
-`--vs=timm` also runs timm's equivalent model (vit22b/bench_timm.py) in a subprocess, alternating with ours, and
+(vit22b/tools/hugepages.py) and the CPU time and page faults of each timed step (host_time_per_step: user and system
+seconds, all threads), and the host CPU and how the dense layers multiply bf16 on it (vit22b/tools/host_cpu.py).
+`--vs=timm` also runs timm's equivalent model (vit22b/tools/bench_timm.py) in a subprocess, alternating with ours, and
 prints its line and the ratio; `--pairs=N` adds N single steps of each, alternated one by one (`paired`).
 `--vs_impl=IMPL --pairs=N` alternates N single steps with the same config at model.impl=IMPL, compiled in this
 process (e.g. the XLA:CPU kernels against the reference: --config.model.impl=cpu --vs_impl=reference); it may be
 repeated: each round steps ours and every IMPL once, in rotating order; `paired` holds one summary per IMPL.
-`--breakdown` adds where a traced step's time goes (the median of three; vit22b/breakdown.py): matmuls and
+`--breakdown` adds where a traced step's time goes (the median of three; vit22b/tools/breakdown.py): matmuls and
 batched matmuls (time, GFLOP, GFLOP/s), the rest, idle, and the costliest of the rest by op name.
 """
 import contextlib
@@ -34,9 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vit22b import breakdown as step_breakdown
-from vit22b import config_check, hugepages, models, planner, sharding, train
-from vit22b import host_cpu
+from vit22b.tools import breakdown as step_breakdown
+from vit22b import config_check, models
+from vit22b.parallel import planner, sharding
+from vit22b.tools import hugepages
+from vit22b.train import loop
+from vit22b.tools import host_cpu
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +47,7 @@ FLAGS = flags.FLAGS
 def ceiling_meter(n=None, reps=3):
     """A function measuring the matmul ceilings now: GFLOP/s of an n x n x n matmul in float32 and in bfloat16
     accumulated in float32 (as the CPU kernels compute it with impl='cpu': as float32 on a CPU without bf16
-    instructions, vit22b/host_cpu.py). n defaults to 2048 on a CPU and 8192 on an accelerator, where
+    instructions, vit22b/tools/host_cpu.py). n defaults to 2048 on a CPU and 8192 on an accelerator, where
     a smaller product would not fill the chip.
 
     Both products are compiled here, once. The bench measures before and after the timed steps, never between
@@ -116,7 +119,7 @@ def xla_forward_flops(model, image_shape):
 
 def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=None, pairs=0):
     """One result dict for `config` (see the module docstring); with `breakdown`, also where a traced step's
-    time goes (vit22b/breakdown.py); with `pairs`, also `paired`: that many of our steps alternated one by one
+    time goes (vit22b/tools/breakdown.py); with `pairs`, also `paired`: that many of our steps alternated one by one
     with calls of `partner` (which runs and times one step of another implementation, in seconds)."""
     if steps < 1:
         raise ValueError(f"bench: --steps={steps}; at least one step must be timed")
@@ -130,20 +133,20 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
     batch = config.input.batch_size
     image_shape = (size, size, channels)
     mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
-    model = train.build_model(config, num_classes)
+    model = loop.build_model(config, num_classes)
     rng = np.random.default_rng(0)
     host_batch = {"image": rng.uniform(-1, 1, (batch,) + image_shape).astype(np.float32),
                   "label": rng.integers(0, num_classes, batch).astype(np.int32),
                   "mask": np.ones(batch, np.float32)}
-    with sharding.activate(mesh, train.rules_of(config)):
-        state, shardings, tx, lr_fn = train.create_train_state(model, config, mesh, image_shape)
-        data = train.to_device(host_batch, mesh)
+    with sharding.activate(mesh, loop.rules_of(config)):
+        state, shardings, tx, lr_fn = loop.create_train_state(model, config, mesh, image_shape)
+        data = loop.to_device(host_batch, mesh)
         if forward:
             step = jax.jit(lambda p, x: model.apply({"params": p}, x))
             args = (state["params"], data["image"])
         else:
             # The step the loop runs between log steps (without param_norm and update_norm).
-            step = train.make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)
+            step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)
             args = (state, data)
         t = time.perf_counter()
         compiled = step.lower(*args).compile()
@@ -212,16 +215,16 @@ def impl_partner(config, impl):
         if step is None:
             other = config.copy_and_resolve_references()
             other.model.impl = impl
-            model = train.build_model(other, 1000)
+            model = loop.build_model(other, 1000)
             mesh = sharding.make_mesh(other.get("mesh", "data:-1"))
             size = other.input.image_size
-            state, shardings, tx, lr_fn = train.create_train_state(model, other, mesh, (size, size, 3))
+            state, shardings, tx, lr_fn = loop.create_train_state(model, other, mesh, (size, size, 3))
             rng = np.random.default_rng(1)
             batch = other.input.batch_size
-            data = train.to_device({"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+            data = loop.to_device({"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
                                     "label": rng.integers(0, 1000, batch).astype(np.int32),
                                     "mask": np.ones(batch, np.float32)}, mesh)
-            compiled = train.make_train_step(model, tx, lr_fn, other, shardings, mesh, norms=False).lower(
+            compiled = loop.make_train_step(model, tx, lr_fn, other, shardings, mesh, norms=False).lower(
                 state, data).compile()
             step = [compiled, state, data]
             for _ in range(2):  # warm-up
@@ -296,7 +299,7 @@ def timm_name(config):
 
 
 def _timm_command(config, steps, forward):
-    return [sys.executable, "-m", "vit22b.bench_timm", f"--model={timm_name(config)}",
+    return [sys.executable, "-m", "vit22b.tools.bench_timm", f"--model={timm_name(config)}",
             f"--batch={config.input.batch_size}", f"--image_size={config.input.image_size}",
             f"--dtype={config.model.get('dtype', 'float32')}", f"--steps={steps}"] + (["--forward"] if forward else [])
 
@@ -311,7 +314,7 @@ def run_timm(config, steps, forward):
 
 @contextlib.contextmanager
 def serving_partner(cmd):
-    """A function that times one step of `cmd --serve` (vit22b/bench_timm.py), a subprocess started at the first
+    """A function that times one step of `cmd --serve` (vit22b/tools/bench_timm.py), a subprocess started at the first
     call, after our own timed steps (its start and warm-up would overlap them), and ended on exit."""
     proc, err = None, tempfile.TemporaryFile(mode="w+")
 
@@ -405,6 +408,6 @@ if __name__ == "__main__":
                               "this model.impl (e.g. 'reference', 'cpu', 'cpu:-gelu'), compiled in this process; "
                               "repeated, in rounds with each, the order rotating (`paired` by model.impl).")
     flags.DEFINE_bool("breakdown", False, "Also trace three more steps and split the median one's time among "
-                      "matmuls, batched matmuls and the rest (XLA:CPU only; vit22b/breakdown.py).")
+                      "matmuls, batched matmuls and the rest (XLA:CPU only; vit22b/tools/breakdown.py).")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -3,8 +3,8 @@
 shape come from meta.json."""
 import os
 
-from vit22b import records
-from vit22b.input_pipeline import DatasetNotFoundError
+from vit22b.input import records
+from vit22b.input.pipeline import DatasetNotFoundError
 
 HOW = ("Write it with `python data/make_arrayrecord.py folder|numpy|fashion_mnist --out DIR ...` and pass "
        "--config.input.data_dir=DIR.")

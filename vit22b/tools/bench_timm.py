@@ -1,9 +1,9 @@
-"""timm's side of `python -m vit22b.bench --vs=timm`: one JSON line for a timm model's train step (or forward)
+"""timm's side of `python -m vit22b.tools.bench --vs=timm`: one JSON line for a timm model's train step (or forward)
 on the CPU, with the same batch, image size and dtype (bfloat16 = torch.autocast) and all CPU threads.
 
-  python -m vit22b.bench_timm --model=vit_base_patch16_224 --batch=8 --image_size=224 --dtype=float32
+  python -m vit22b.tools.bench_timm --model=vit_base_patch16_224 --batch=8 --image_size=224 --dtype=float32
 
-With --serve it stays up after the warm-up and times one step per line on stdin, so that `vit22b.bench --pairs`
+With --serve it stays up after the warm-up and times one step per line on stdin, so that `vit22b.tools.bench --pairs`
 can alternate single steps of the two frameworks.
 """
 import argparse
@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from vit22b import host_cpu, hugepages
+from vit22b.tools import host_cpu, hugepages
 
 
 def main(argv=None):
@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--forward", action="store_true")
     p.add_argument("--serve", action="store_true",
                    help="after the warm-up, print a ready line, then time one step per line read from stdin and "
-                        "print its seconds (vit22b.bench --pairs)")
+                        "print its seconds (vit22b.tools.bench --pairs)")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps={a.steps}; at least one step must be timed")

@@ -1,6 +1,6 @@
 """An opt-in for CPU hosts: huge pages and an allocator that keeps freed memory, as `export` lines for a shell.
 
-  eval "$(python -m vit22b.hugepages)"      # then python -m vit22b.main ..., jupyter lab, ...
+  eval "$(python -m vit22b.tools.hugepages)"      # then python -m vit22b.main ..., jupyter lab, ...
 
 XLA:CPU mallocs each step's temporaries afresh, as one block (1.4 GB for ViT-B/16's float32 train step at batch
 8), and frees it when the step ends. glibc serves blocks over 32 MiB with new mmaps and unmaps them when they are

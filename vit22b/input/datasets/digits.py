@@ -4,7 +4,7 @@ Split: a fixed stratified 80/20 split (seed 0): 1,437 train, 360 test.
 """
 import numpy as np
 
-from vit22b.input_pipeline import ArraySource
+from vit22b.input.pipeline import ArraySource
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)

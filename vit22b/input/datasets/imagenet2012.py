@@ -1,7 +1,7 @@
 """ImageNet-1k (ILSVRC 2012; splits train / validation) prepared by TFDS in ArrayRecord format under the data
 directory: `tfds build imagenet2012 --file_format=array_record --data_dir=DIR` (the archives are downloaded by
 hand from image-net.org and placed in DIR/downloads/manual)."""
-from vit22b.input_pipeline import tfds_source
+from vit22b.input.pipeline import tfds_source
 
 NUM_CLASSES = 1000
 IMAGE_SHAPE = None

@@ -4,7 +4,7 @@ the pipeline).
 
 ViT-22B's JFT has about 30k classes (big_vision's JFT-3B config: 29,593).
 """
-from vit22b.input_pipeline import tfds_source
+from vit22b.input.pipeline import tfds_source
 
 NUM_CLASSES = 29_593
 IMAGE_SHAPE = None  # variable-size images, resized by the preprocess chain

@@ -53,7 +53,7 @@ def abstract_like(tree, shardings):
 
 
 def load_params(path, params, shardings):
-    """Parameters from an Orbax params checkpoint (`python -m vit22b.convert`), checked against the model:
+    """Parameters from an Orbax params checkpoint (`python -m vit22b.models.convert`), checked against the model:
     a missing, extra or differently shaped parameter is an error that names it."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):

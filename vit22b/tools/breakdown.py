@@ -1,6 +1,6 @@
 """Where a compiled program's time goes on XLA:CPU: matmuls, batched matmuls, everything else, and idle.
 
-`python -m vit22b.bench ... --breakdown` traces three more steps with jax.profiler, keeps the one with the median
+`python -m vit22b.tools.bench ... --breakdown` traces three more steps with jax.profiler, keeps the one with the median
 span, and matches its events to the compiled program's instructions (XLA:CPU names each executed thunk after its
 HLO instruction). Tracing costs a little per event, so the span can exceed the untraced step_s. Each instant
 of the step is split equally among the instructions running at it, so the parts add up to the step's span even
