@@ -16,6 +16,7 @@ random erasing (0.25) and the "mstd0.5" magnitude noise of its RandAugment.
 """
 import ml_collections
 
+from vit22b import config_base
 from vit22b.config_args import parse_arg
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -23,41 +24,29 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 def get_config(arg=None):
     a = parse_arg(arg, variant="T", img=256, window=8, batch=1024, epochs=300, runlocal=False)
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = config_base.base()
     steps_per_epoch = IMAGENET_TRAIN_IMAGES // a.batch
     c.total_steps = 300 if a.runlocal else a.epochs * steps_per_epoch
     c.log_every = 50 if a.runlocal else 100
     c.eval_every = 300 if a.runlocal else steps_per_epoch
     c.checkpoint_every = 300 if a.runlocal else 2_000
-    # Devices as (data, fsdp, model); see vit22b/parallel/sharding.py. ZeRO-1 with optimizer_sharding = "zero1".
-    c.mesh = "data:-1"
-    c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 3
 
-    c.input = ml_collections.ConfigDict()
     c.input.data = "digits" if a.runlocal else "imagenet2012"
-    c.input.data_dir = ""
-    c.input.split = "train"
-    c.input.eval_split = "test" if a.runlocal else "validation"
+    if not a.runlocal:
+        c.input.update(eval_split="validation", num_workers=16, num_threads=32)
     c.input.batch_size = 64 if a.runlocal else a.batch
     c.input.eval_batch_size = 128 if a.runlocal else 1024
-    c.input.image_size = 32 if a.runlocal else a.img
-    c.input.num_threads = 2 if a.runlocal else 32
-    c.input.num_workers = 0 if a.runlocal else 16
-    c.input.prefetch = 8
-    size = c.input.image_size
+    size = c.input.image_size = 32 if a.runlocal else a.img
     c.input.pp_train = f"decode|inception_crop({size}, method='bicubic')|flip_lr|randaug(2, 9)|normalize"
     c.input.pp_eval = f"decode|resize_small({int(size / 0.875)}, 'bicubic')|central_crop({size})|normalize"
     if a.runlocal:  # digits: tiny, 1-channel, and few steps; resize and flip only
         c.input.pp_train = f"decode|resize({size})|flip_lr|value_range(-1, 1)"
         c.input.pp_eval = f"decode|resize({size})|value_range(-1, 1)"
     else:
-        c.input.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0,
-                                                       switch_prob=0.5))
+        c.input.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5)
 
     c.model_name = "swinv2"
-    c.model = ml_collections.ConfigDict()
     c.model.variant = a.variant
     c.model.window_size = 4 if a.runlocal else a.window
     c.model.pretrained_window_sizes = (0, 0, 0, 0)
@@ -67,24 +56,17 @@ def get_config(arg=None):
     c.model.depths = ml_collections.FieldReference((1, 1, 2, 1) if a.runlocal else None, field_type=tuple)
     c.model.num_heads = ml_collections.FieldReference((2, 2, 4, 8) if a.runlocal else None, field_type=tuple)
     c.model.drop_path_rate = ml_collections.FieldReference(0.0 if a.runlocal else None, field_type=float)
-    c.model.attn_chunks = 1       # >1: the paper's sequential self-attention in the first two stages
-    c.model.remat_policy = "none"  # "full": per-block activation checkpointing
-    c.model.impl = "reference"  # "cpu": the opt-in XLA:CPU kernels (vit22b/models/cpu/)
-    c.model.attention_impl = "auto"  # "xla" | "cudnn" (vit22b/models/attention.py)
-    c.model.scan = True
-    c.model.dtype = "float32" if a.runlocal else "bfloat16"
-    c.model.param_dtype = "float32"
+    c.model.attn_chunks = 1  # >1: the paper's sequential self-attention in the first two stages
+    c.model.dtype = "float32" if a.runlocal else "bfloat16"  # remat_policy "full": per-block checkpointing
 
-    c.loss = "softmax_xent"
     c.label_smoothing = 0.1
-    c.optimizer = "adamw"
-    c.optimizer_kw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8))
+    c.optimizer_kw.eps = 1e-8
     c.lr = 2e-3 if a.runlocal else 5e-4 * a.batch / 512
     c.wd = 0.05
     # Kernels decay; 1-D parameters (biases, norms, q/v biases), logit_scale and the CPB MLP do not.
     c.wd_mults = [(".*cpb_mlp.*", 0.0), (".*kernel", 1.0)]
     c.grad_clip_norm = 5.0
     warmup = 20 if a.runlocal else 20 * steps_per_epoch
-    c.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", warmup_steps=warmup, min_mult=5e-6 / 5e-4))
+    c.schedule = dict(decay_type="cosine", warmup_steps=warmup, min_mult=5e-6 / 5e-4)
     c.model_init = ""  # an Orbax params checkpoint, e.g. written by `python -m vit22b.models.convert`
     return c

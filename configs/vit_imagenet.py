@@ -12,8 +12,7 @@ Not reproduced: big_vision's pre-logits layer (`rep_size=True`) and its bfloat16
 """
 import math
 
-import ml_collections
-
+from vit22b import config_base
 from vit22b.config_args import parse_arg
 
 TRAIN_IMAGES = 1_268_355  # 99% of ImageNet-1k's 1,281,167 training images (train[:99%])
@@ -30,22 +29,15 @@ def get_config(arg=None):
     if aug not in AUG:
         raise ValueError(f"aug: {aug!r} is not one of {sorted(AUG)}")
     magnitude, mixup = AUG[aug]
-    steps = math.ceil(a.epochs * TRAIN_IMAGES / a.batch)
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.total_steps = 30 if a.runlocal else steps
+    c = config_base.base()
+    c.total_steps = 30 if a.runlocal else math.ceil(a.epochs * TRAIN_IMAGES / a.batch)
     c.log_every = 10 if a.runlocal else 50
     c.eval_every = 30 if a.runlocal else 2500
     c.checkpoint_every = 30 if a.runlocal else 1000
-    c.mesh = "data:-1"
-    c.optimizer_sharding = "replicated"
-    c.keep_checkpoints = 2
 
-    c.input = ml_collections.ConfigDict()
     c.input.data = "digits" if a.runlocal else "imagenet2012"
-    c.input.data_dir = ""
-    c.input.split = "train" if a.runlocal else "train[:99%]"
-    c.input.eval_split = "test" if a.runlocal else "validation"
+    if not a.runlocal:
+        c.input.update(split="train[:99%]", eval_split="validation", num_workers=16, num_threads=16)
     c.input.batch_size = 32 if a.runlocal else a.batch
     c.input.eval_batch_size = 64 if a.runlocal else 1024
     size = c.input.image_size = 16 if a.runlocal else 224
@@ -53,37 +45,14 @@ def get_config(arg=None):
     c.input.pp_train = f"decode|inception_crop({size})|flip_lr{randaug}|value_range(-1, 1)"
     c.input.pp_eval = f"decode|resize_small({size * 8 // 7})|central_crop({size})|value_range(-1, 1)"
     if mixup:
-        c.input.mixup = ml_collections.ConfigDict(dict(mixup_alpha=mixup, cutmix_alpha=0.0, prob=1.0))
-    c.input.on_bad_record = "skip"
-    c.input.num_workers = 0 if a.runlocal else 16
-    c.input.num_threads = 2 if a.runlocal else 16
-    c.input.prefetch = 8
+        c.input.mixup = dict(mixup_alpha=mixup, cutmix_alpha=0.0, prob=1.0)
 
     c.model_name = "vit"
-    c.model = ml_collections.ConfigDict()
     c.model.variant = a.variant
     if a.runlocal:
         c.model.update(width=32, depth=2, mlp_dim=128, num_heads=2, patch_size=4)
-    c.model.block = "sequential"
-    c.model.qk_norm = False
-    c.model.qkv_bias = True
-    c.model.norm = "layernorm"
-    c.model.head = "token"
-    c.model.posemb = "learn"
-    c.model.scan = True
-    c.model.remat_policy = "none"
-    c.model.impl = "reference"  # "cpu": the opt-in XLA:CPU kernels (vit22b/models/cpu/)
-    c.model.attention_impl = "auto"  # "xla" | "cudnn" (vit22b/models/attention.py)
+    config_base.classic_vit(c.model)
     c.model.dtype = "float32" if a.runlocal else "bfloat16"
-    c.model.param_dtype = "float32"
 
-    c.loss = "softmax_xent"
-    c.label_smoothing = 0.0
-    c.optimizer = "adamw"
-    c.optimizer_kw = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999))
-    c.lr = 1e-3
-    c.wd = 1e-4
-    c.wd_mults = [(".*kernel", 1.0)]
-    c.grad_clip_norm = 1.0
-    c.schedule = ml_collections.ConfigDict(dict(decay_type="cosine", warmup_steps=3 if a.runlocal else 10_000))
+    c.schedule = dict(decay_type="cosine", warmup_steps=3 if a.runlocal else 10_000)
     return c

@@ -206,7 +206,7 @@ def test_the_opt_in_preloads_an_allocator_which_reuses_a_freed_block(allocator):
     assert name == "system" and second >= 100, (name, first, second)
 
 
-STATUS = "from vit22b import hugepages; print(hugepages.status())"
+STATUS = "from vit22b.tools import hugepages; print(hugepages.status())"
 
 
 def test_a_shell_gets_the_same_environment_for_a_notebook_server():
