@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vit22b", "vit22b.*"]),
     install_requires=[
-        "jax>=0.7,<0.11",
+        "jax>=0.7,<0.13",  # 0.10 on Python 3.11, 0.12 on Python >= 3.12
         "flax>=0.11,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
@@ -20,6 +20,7 @@ setup(
         "pillow>=10",  # image decoding and augmentation (vit22b/input/preprocess.py)
         "tensorflow-datasets>=4.9.9,<5",
         "ml-collections>=1.0,<2",
+        "etils[epath]>=1.7",  # every path the run reads or writes (local, gs://, s3://)
         "absl-py>=2.1",
         "numpy>=1.26",
         "scikit-learn>=1.4",  # ships the bundled digits dataset

@@ -51,7 +51,7 @@ def test_dry_run_plans_the_reference_program(tmp_path, monkeypatch):
     from vit22b.train import loop
     seen = []
     real = loop.build_model
-    monkeypatch.setattr(train, "build_model", lambda c, n: seen.append(c.model.impl) or real(c, n))
+    monkeypatch.setattr(loop, "build_model", lambda c, n: seen.append(c.model.impl) or real(c, n))
     monkeypatch.setenv("VIT22B_BF16_DOTS", "float32")
     c = config("vit22b_digits", **{"model.impl": "cpu", "model.dtype": "bfloat16"})
     result = planner.plan(c, str(tmp_path))

@@ -1,6 +1,8 @@
-"""The training loop: learning, exact resume after SIGKILL, SIGTERM checkpoints, non-finite loss stops."""
+"""The training loop: learning, exact resume after SIGKILL (workdir as a URL), SIGTERM checkpoints, non-finite loss
+stops, checkpoints of the earlier layout, metrics on an object store."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +14,7 @@ import pytest
 from conftest import CONFIGS, REPO, config, cpu_env, main_cmd, run_main
 from vit22b.parallel import sharding
 from vit22b.train import checkpointing, loop
-from vit22b.train.metrics import read_metrics
+from vit22b.train.metrics import MetricsWriter, read_metrics
 
 TOTAL = 80
 FLAGS = (f"--config.total_steps={TOTAL}", "--config.log_every=1", "--config.checkpoint_every=10",
@@ -21,7 +23,8 @@ SPEC = f"{CONFIGS}/vit22b_digits.py:runlocal"
 
 
 def start(workdir):
-    return subprocess.Popen(main_cmd(SPEC, workdir, *FLAGS), cwd=REPO, stdout=subprocess.PIPE,
+    # The workdir as a file:// URL: every path goes through etils.epath (vit22b/paths.py).
+    return subprocess.Popen(main_cmd(SPEC, f"file://{workdir}", *FLAGS), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cpu_env())
 
 
@@ -99,7 +102,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
             batch = dict(batch, image=np.full_like(batch["image"], np.nan))
         return original(batch, mesh)
 
-    monkeypatch.setattr(train, "to_device", poisoned)
+    monkeypatch.setattr(loop, "to_device", poisoned)
     c = config("vit22b_digits", total_steps=40, log_every=5, checkpoint_every=5, eval_every=100)
     with pytest.raises(loop.NonFiniteLossError, match="train/loss is nan at step 15"):
         loop.run(c, str(tmp_path))
@@ -108,6 +111,46 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     manager = checkpointing.make_manager(str(tmp_path), 2)
     assert manager.latest_step() == 10
     manager.close()
+
+
+def test_a_checkpoint_with_the_earlier_iterator_layout_resumes_at_the_same_batch(tmp_path):
+    """Checkpoints written before Grain's Orbax handler held the iterator position as Orbax JSON (data/metadata);
+    they resume at the same position, and the run continues with the identical losses."""
+    c = config("vit22b_digits", total_steps=12, log_every=1, checkpoint_every=6, eval_every=100,
+               **{"input.batch_size": 16})
+    c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
+    loop.run(c, str(tmp_path))
+    reference = losses(tmp_path)
+    step_dir = tmp_path / "checkpoints" / "6"
+    state = json.loads((step_dir / "data" / "process_0-of-1.json").read_text())
+    assert state == {"next_index": 6}  # batches taken
+    (step_dir / "data" / "process_0-of-1.json").unlink()
+    (step_dir / "data" / "metadata").write_text(json.dumps(state))  # what ocp.args.JsonSave wrote
+    shutil.rmtree(tmp_path / "checkpoints" / "12")
+    loop.run(c, str(tmp_path))
+    assert losses(tmp_path) == reference
+
+
+def test_metrics_and_events_go_to_an_object_store_through_epath():
+    """A gs:// workdir, with fsspec's in-memory filesystem standing in for GCS: metrics.jsonl (rewritten whole,
+    since objects cannot be appended to) and the TensorBoard event file land there, and a resume drops the rows
+    past the restored step."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+    for protocol in ("gs", "gcs"):  # for this test process only; nothing else here writes to gs://
+        fsspec.register_implementation(protocol, MemoryFileSystem, clobber=True)
+    workdir = f"gs://bucket/{os.getpid()}/run"
+    writer = MetricsWriter(workdir)
+    for step in (1, 2, 3):
+        writer.write(step, {"train/loss": 1.0 / step})
+    writer.close()
+    writer = MetricsWriter(workdir, resumed_step=2)
+    writer.write(3, {"train/loss": 0.25})
+    writer.close()
+    assert read_metrics(workdir) == [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5},
+                                     {"step": 3, "train/loss": 0.25}]
+    events = [k for k in MemoryFileSystem.store if k.startswith(workdir) and "tfevents" in k]
+    assert events and all(MemoryFileSystem.store[k].getvalue() for k in events)
 
 
 def test_digits_training_learns(tmp_path):

@@ -6,7 +6,8 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':ARGS' for get_config(ARGS).",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and config.json go here: a "
+                    "local path, a file:// URL, or gs:// / s3:// where that filesystem is installed.")
 flags.DEFINE_bool("dry_run", False, "Plan only: compile the train step for config.mesh on simulated CPU devices, "
                   "print parameters, FLOPs and per-device memory, write WORKDIR/plan.json.")
 flags.DEFINE_integer("dry_run_devices", 0, "Devices to simulate for --dry_run (default: the mesh's size).")

@@ -23,6 +23,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from vit22b import paths
 from vit22b.input import preprocess
 
 SHIPPED = Path(__file__).resolve().parent / "datasets"
@@ -69,18 +70,19 @@ def dataset_module(name):
 
 
 def data_dir(input_cfg):
-    return (input_cfg.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
-            or os.path.expanduser("~/tensorflow_datasets"))
+    """`input.data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets, as a string (TFDS takes it so)."""
+    return os.fspath(paths.resolve(input_cfg.get("data_dir") or os.environ.get("TFDS_DATA_DIR")
+                                   or "~/tensorflow_datasets"))
 
 
 def require_prepared(name, data_dir, how):
     """The folder of a TFDS-prepared dataset, or an error naming the dataset, the folder and what to do."""
-    path = os.path.join(data_dir, name)
-    if not os.path.isdir(path):
+    path = paths.resolve(data_dir) / name
+    if not path.is_dir():
         raise DatasetNotFoundError(
             f"dataset {name!r} not found: no directory {path} (data directory {data_dir!r}, from "
             f"--config.input.data_dir or $TFDS_DATA_DIR). {how} Or point the config at another dataset, e.g. "
-            f"--config.input.data=digits (datasets are defined in data/*.py).")
+            f"--config.input.data=digits (definitions: vit22b/input/datasets/*.py).")
     return path
 
 

@@ -15,6 +15,8 @@ import struct
 import numpy as np
 from PIL import Image
 
+from vit22b import paths
+
 MAGIC = b"VR1"
 
 
@@ -50,8 +52,7 @@ def png_bytes(array):
 
 
 def shard_paths(directory, split):
-    names = sorted(n for n in os.listdir(directory) if n.startswith(f"{split}.array_record-"))
-    return [os.path.join(directory, n) for n in names]
+    return sorted(os.fspath(p) for p in paths.resolve(directory).glob(f"{split}.array_record-*"))
 
 
 def write_split(directory, split, examples, num_shards=1):
@@ -100,9 +101,7 @@ def write_meta(directory, *, num_classes, class_names, multi_label, image_shape,
 
 
 def read_meta(directory):
-    path = os.path.join(directory, "meta.json")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads((paths.resolve(directory) / "meta.json").read_text())
 
 
 class RecordSource:

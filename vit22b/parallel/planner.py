@@ -6,13 +6,12 @@ from abstract shapes (never allocating the model) and reports parameters, FLOPs 
 `--dry_run` simulates the mesh's devices on the CPU. Writes WORKDIR/plan.json.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit22b import config_check
+from vit22b import config_check, paths
 from vit22b.input import pipeline
 from vit22b.parallel import sharding
 from vit22b.train import loop
@@ -86,9 +85,9 @@ def plan(config, workdir, memory_per_device_gib=None):
     if memory_per_device_gib:
         result["fits"] = result["bytes_per_device"]["total"] <= memory_per_device_gib * 2 ** 30
         result["memory_per_device_gib"] = memory_per_device_gib
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    out = paths.resolve(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -11,7 +11,7 @@ import contextlib
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
 DEFAULT_RULES = (
@@ -56,15 +56,12 @@ def parse_mesh(spec, num_devices):
 
 
 def make_mesh(spec="data:-1", devices=None):
-    """A (data, fsdp, model) mesh with Auto axis types, so XLA places the collectives."""
+    """A (data, fsdp, model) mesh with Auto axis types, so XLA places the collectives (jax.make_mesh orders the
+    devices for the hardware's interconnect)."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = parse_mesh(spec, len(devices))
-    shape = tuple(sizes[a] for a in AXES)
-    try:
-        arranged = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # CPU and odd shapes: plain order
-        arranged = np.asarray(devices).reshape(shape)
-    return Mesh(arranged, AXES)
+    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, devices=devices,
+                         axis_types=(AxisType.Auto,) * len(AXES))
 
 
 @contextlib.contextmanager

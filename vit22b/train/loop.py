@@ -4,7 +4,6 @@
 `create_train_state`, `make_train_step`, `evaluate`) are importable for notebooks.
 """
 import math
-import os
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vit22b import config_check, models
+from vit22b import config_check, models, paths
 from vit22b.input import pipeline, preprocess
 from vit22b.parallel import sharding
 from vit22b.train import checkpointing, losses, optim
@@ -226,10 +225,9 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
     dataset = pipeline.train_dataset(train_src, **pipeline_kwargs(config, info))
     iterator = pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
                                              config.input.get("prefetch", 8), config.input.get("num_workers", 0))
-    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings))
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings), iterator)
     if restored is not None:
-        start, state, data_state = restored
-        iterator.set_state(data_state)
+        start, state = restored
         logging.info("Resumed from step %d in %s", start, workdir)
     else:
         start = 0
@@ -238,8 +236,7 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
             logging.info("Initialised parameters from %s", config.model_init)
     writer = MetricsWriter(workdir, resumed_step=start, enabled=is_main)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (paths.resolve(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
         print(f"{model.__class__.__name__} with {n_params:,} parameters; {jax.device_count()} devices; "
               f"steps {start}..{config.total_steps}", flush=True)
 
@@ -303,7 +300,7 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
                           f"eval/loss {ev['eval/loss']:.4f} ({len(eval_src)} examples)", flush=True)
                 t0 += time.perf_counter() - t_eval  # keep eval time out of the training throughput
             if do_ckpt:
-                checkpointing.save(manager, step, state, iterator.get_state())
+                checkpointing.save(manager, step, state, iterator)
             if sigterm:
                 if is_main:
                     print(f"SIGTERM: saved a checkpoint at step {step}; exiting.", flush=True)

@@ -46,19 +46,19 @@ def make_schedule(schedule_cfg, total_steps):
         raise ValueError(f"schedule.warmup_steps + cooldown_steps = {warmup + cooldown} exceeds total_steps "
                          f"= {total_steps}")
 
-    def fn(step):
-        step = jnp.asarray(step, jnp.float32)
-        mult = jnp.minimum(1.0, (step + 1.0) / warmup) if warmup else jnp.ones_like(step)
-        if kind == "rsqrt":
-            mult = mult / jnp.sqrt(1.0 + jnp.maximum(step - warmup, 0.0) / o["timescale"])
-        elif kind == "cosine":
-            progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
-            mult = mult * (o["min_mult"] + (1.0 - o["min_mult"]) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
-        if cooldown:
-            mult = mult * jnp.clip((total_steps - step) / cooldown, 0.0, 1.0)
-        return mult
-
-    return fn
+    if kind == "rsqrt":  # big_vision's reciprocal square root; optax has none
+        def decay(step):
+            return 1.0 / jnp.sqrt(1.0 + jnp.asarray(step, jnp.float32) / o["timescale"])
+    elif kind == "cosine":
+        decay = optax.cosine_decay_schedule(1.0, max(total_steps - warmup, 1), alpha=o["min_mult"])
+    else:
+        decay = optax.constant_schedule(1.0)
+    # Linear warm-up whose first step already trains: (step + 1) / warmup_steps, then the decay from 1.
+    warm = optax.linear_schedule(1.0 / warmup, 1.0, warmup - 1) if warmup > 1 else optax.constant_schedule(1.0)
+    fn = optax.join_schedules([warm, decay], [warmup]) if warmup else decay
+    if not cooldown:
+        return fn
+    return lambda step: fn(step) * jnp.clip((total_steps - jnp.asarray(step, jnp.float32)) / cooldown, 0.0, 1.0)
 
 
 def _adafactor_bv(decay_rate, beta2_cap, min_dim_size_to_factor, momentum, momentum_dtype, eps):
