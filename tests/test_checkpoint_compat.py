@@ -23,14 +23,14 @@ def test_checkpoint_from_before_restores_with_identical_logits(name, impl="refer
     stored = np.load(os.path.join(DATA, "pre_reference", name, "expected.npz"))
     model = models.build(family, dict(cfg, impl=impl), classes, size)
     init = nn.meta.unbox(model.init(jax.random.PRNGKey(0), stored["images"][:1])["params"])
-    # The same tree, names and seed-0 values as before (to the last bit where compiled with the same XLA flags;
-    # the suite's LLVM -O0, conftest.py, rounds some initialisers' arithmetic differently in the last bit).
+    # The same tree, names and seed-0 values as before (to the last bit where compiled with the same XLA flags and
+    # jax 0.10; the suite's LLVM -O0, conftest.py, and jax 0.12's initialisers differ in the last bits: 2.4e-6).
     now = flat(init)
     assert sorted("init" + k for k in now) == sorted(k for k in stored.files if k.startswith("init"))
     for key, value in now.items():
         want = stored["init" + key]
-        np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=key)
-    shardings = jax.tree.map(lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[0]), init)
+        np.testing.assert_allclose(value, want, rtol=5e-6, atol=5e-6 * np.abs(want).max(), err_msg=key)
+    shardings = jax.tree.map(lambda x: jax.sharding.make_single_device_sharding(jax.devices()[0]), init)
     params = checkpointing.load_params(os.path.join(DATA, "pre_reference", name, "params"), init, shardings)
     logits = jax.jit(model.apply)({"params": params}, stored["images"])
     np.testing.assert_allclose(logits, stored["logits"], rtol=1e-5, atol=1e-5 * np.abs(stored["logits"]).max())

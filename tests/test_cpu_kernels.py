@@ -2,6 +2,7 @@
 values and gradients, kernel by kernel and as whole models (one device and a (2, 2, 2) mesh); and what they are
 for shows in the compiled programs (bf16 matmuls stay bf16, scanned residuals are not stacked in float32)."""
 import json
+import math
 import re
 import subprocess
 import sys
@@ -277,6 +278,8 @@ def test_float32_dense_gradient_transposes_the_narrower_operand(features):
     copies = [i["dims"] for body in comps.values() for i in body
               if i["opcode"] == "transpose" or (i["opcode"] == "fusion" and any(
                   j["opcode"] == "transpose" for j in comps.get(i["calls"], [])))]
+    # Copies with a tokens axis (jax 0.12's XLA also transposes the small [d, f] kernel itself, which is cheap).
+    copies = [shape for shape in copies if math.prod(shape) != d * f]
     assert copies and all(shape[0] == min(d, f) for shape in copies), copies
     dims = {i["name"]: i["dims"] for body in comps.values() for i in body}
     dots = [(dims[i["operands"][0]], i["lhs_contracting"]) for body in comps.values() for i in body

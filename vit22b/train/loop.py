@@ -160,11 +160,11 @@ def load_data(config):
     module = pipeline.dataset_module(config.input.data)
     ddir = pipeline.data_dir(config.input)
     info = pipeline.dataset_info(module, ddir)
-    train_src = module.load(config.input.get("split", "train"), ddir)
+    train_source = module.load(config.input.get("split", "train"), ddir)
     eval_split = config.input.get("eval_split")
-    eval_src = module.load(eval_split, ddir) if eval_split else None
+    eval_source = module.load(eval_split, ddir) if eval_split else None
     size = config.input.image_size  # the preprocess chain brings images to this size
-    return info, train_src, eval_src, (size, size, info.channels)
+    return info, train_source, eval_source, (size, size, info.channels)
 
 
 def pipeline_kwargs(config, info, split="train"):
@@ -194,10 +194,10 @@ def _check_finite(pending):
 def run(config, workdir):
     """Train (or resume) according to `config` in `workdir`. Returns the last metrics logged."""
     config_check.validate(config)
-    info, train_src, eval_src, image_shape = load_data(config)
+    info, train_source, eval_source, image_shape = load_data(config)
     mesh = sharding.make_mesh(config.get("mesh", "data:-1"))
     with sharding.activate(mesh, rules_of(config)):
-        return _train(config, workdir, mesh, info, train_src, eval_src, image_shape)
+        return _train(config, workdir, mesh, info, train_source, eval_source, image_shape)
 
 
 def check_pipeline_output(config, info, source, image_shape, split):
@@ -212,17 +212,17 @@ def check_pipeline_output(config, info, source, image_shape, split):
             f"{config.input.data!r})")
 
 
-def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
+def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
     is_main = jax.process_index() == 0
-    check_pipeline_output(config, info, train_src, image_shape, "train")
-    if eval_src is not None:
-        check_pipeline_output(config, info, eval_src, image_shape, "eval")
+    check_pipeline_output(config, info, train_source, image_shape, "train")
+    if eval_source is not None:
+        check_pipeline_output(config, info, eval_source, image_shape, "eval")
     model = build_model(config, info.num_classes)
 
     state, shardings, tx, lr_fn = create_train_state(model, config, mesh, image_shape)
     n_params = optim.count_params(state["params"])
     manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    dataset = pipeline.train_dataset(train_src, **pipeline_kwargs(config, info))
+    dataset = pipeline.train_dataset(train_source, **pipeline_kwargs(config, info))
     iterator = pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
                                              config.input.get("prefetch", 8), config.input.get("num_workers", 0))
     restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings), iterator)
@@ -266,7 +266,7 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
             sigterm = stop["sigterm"]  # read once: the signal may land anywhere in this iteration
             final = step == total or sigterm
             do_log = step % config.log_every == 0 or final
-            do_eval = eval_src is not None and (step % config.eval_every == 0 or step == total)
+            do_eval = eval_source is not None and (step % config.eval_every == 0 or step == total)
             do_ckpt = step % config.checkpoint_every == 0 or final
             if not (do_log or do_eval or do_ckpt):
                 continue
@@ -292,12 +292,12 @@ def _train(config, workdir, mesh, info, train_src, eval_src, image_shape):
             pending = []
             if do_eval:
                 t_eval = time.perf_counter()
-                ev = evaluate(eval_step, state["params"], eval_src, config, mesh, info)
+                ev = evaluate(eval_step, state["params"], eval_source, config, mesh, info)
                 writer.write(step, ev)
                 last.update(ev)
                 if is_main:
                     print(f"step {step}/{total} eval/accuracy {ev['eval/accuracy']:.4f} "
-                          f"eval/loss {ev['eval/loss']:.4f} ({len(eval_src)} examples)", flush=True)
+                          f"eval/loss {ev['eval/loss']:.4f} ({len(eval_source)} examples)", flush=True)
                 t0 += time.perf_counter() - t_eval  # keep eval time out of the training throughput
             if do_ckpt:
                 checkpointing.save(manager, step, state, iterator)

@@ -122,7 +122,7 @@ def clip_by_global_norm(max_norm):
     gradient twice. Measured on the CPU for ViT-B/16-sized AdamW: 113 -> 77 ms per update."""
     def update(updates, state, params=None):
         del params
-        scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+        scale = jnp.minimum(1.0, max_norm / optax.tree_utils.tree_norm(updates))
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
