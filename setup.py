@@ -34,6 +34,7 @@ setup(
             MIMALLOC,  # the opt-in's tests
             "pytest>=8",
             "pytest-xdist>=3.5",  # the suite runs on 2 workers (README's test command)
+            "setuptools>=70.1",  # tests/test_packaging.py builds the package's wheel offline (bdist_wheel built in)
             "nbformat>=5.9",
             "nbclient>=0.10",
             "ipykernel>=6.29",

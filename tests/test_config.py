@@ -65,7 +65,7 @@ def test_unknown_keys_are_rejected():
 
 @pytest.mark.parametrize("flag,message", [
     ("--config.model.num_heads=5", "config.model.width: width 64 is not divisible by model.num_heads = 5"),
-    ("--config.model.widht=5", "widht"),                       # unknown key in an override
+    ("--config.model.widht=5", 'error: config.model.widht: no such key; Did you mean "width" instead of "widht"?'),
     ("--config.total_steps=abc", "total_steps"),                # malformed value
     ("--config.model.patch_size=3", "config.input.image_size: image size 8 is not divisible"),
 ])
@@ -74,6 +74,7 @@ def test_cli_errors_before_compilation(tmp_path, flag, message):
     r = run_main(f"{CONFIGS}/vit22b_digits.py", tmp_path / "w", flag)
     assert r.returncode != 0
     assert message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error: "), r.stderr[-2000:]
     assert "step " not in r.stdout and not (tmp_path / "w" / "checkpoints").exists()
     print(f"{flag}: failed after {time.time() - start:.1f}s")
 

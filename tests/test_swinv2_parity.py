@@ -165,6 +165,24 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_a_truncated_or_foreign_checkpoint_gets_one_line_naming_it(tmp_path, capsys):
+    torch.save({"model": {"w": torch.ones(64, 64)}}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--checkpoint", str(tmp_path / "cut.pth"), "--out", str(tmp_path / "out")])
+    assert str(e.value).startswith(f"error: {tmp_path / 'cut.pth'}: not a readable PyTorch checkpoint")
+    assert "\n" not in str(e.value)
+    vit = {"cls_token": torch.zeros(1, 1, 8), "pos_embed": torch.zeros(1, 5, 8),
+           "patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
+           "blocks.1.attn.qkv.weight": torch.zeros(24, 8)}
+    torch.save(vit, tmp_path / "vit.pth")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--checkpoint", str(tmp_path / "vit.pth"), "--out", str(tmp_path / "out")])
+    assert str(e.value) == (f"error: {tmp_path / 'vit.pth'}: this file holds a ViT (cls_token, pos_embed, "
+                            "blocks.N.attn.qkv), not a Swin V2")
+
+
 def test_safetensors(tmp_path):
     from safetensors.torch import save_file
     model = perturb_(TimmSwinV2(img_size=64, window_size=4, **SMALL), seed=4)
@@ -204,5 +222,5 @@ def test_convert_command_and_model_init(tmp_path):
     c.model_init = str(out)
     assert loop.run(c, str(tmp_path / "run"))["step"] == 2
     c.model.embed_dim = 48  # a model the checkpoint does not fit: the error names the parameter
-    with pytest.raises(ValueError, match=r"config.model_init: \[.head.\]\[.kernel.\] has shape \(256, 10\).*wants \(384, 10\)"):
+    with pytest.raises(ValueError, match=r"config.model_init: head/kernel has shape \(256, 10\).*wants \(384, 10\)"):
         loop.run(c, str(tmp_path / "run2"))

@@ -1,5 +1,5 @@
-"""The training loop: learning, exact resume after SIGKILL (workdir as a URL), SIGTERM checkpoints, non-finite loss
-stops, checkpoints of the earlier layout, metrics on an object store."""
+"""The training loop: learning, exact resume after SIGKILL (workdir as a URL), SIGTERM and Ctrl-C checkpoints,
+non-finite loss stops, checkpoints of the earlier layout, metrics on an object store."""
 import json
 import os
 import shutil
@@ -81,7 +81,7 @@ def test_sigkill_at_any_moment_resumes_to_the_identical_loss_sequence(tmp_path, 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, reference):
     code, out, err = run_until(tmp_path, 23, signal.SIGTERM)
     assert code == 0, err[-3000:]
-    saved = int(out.split("SIGTERM: saved a checkpoint at step ")[1].split(";")[0])
+    saved = int(out.split("Preempted: saved a checkpoint at step ")[1].split(";")[0])
     assert 23 <= saved < TOTAL  # saved where it stopped (usually between the periodic steps)
     listing = sorted(os.listdir(tmp_path / "checkpoints"))
     assert str(saved) in listing, (listing, err[-3000:])
@@ -90,6 +90,16 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, reference):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and f"Resumed from step {saved}" in err
     assert losses(tmp_path)[1] == reference
+
+
+def test_ctrl_c_saves_like_a_preemption_and_exits_130_with_one_line(tmp_path):
+    code, out, err = run_until(tmp_path, 10, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("Interrupted (SIGINT): saved a checkpoint at step "), out[-2000:]
+    saved = int(last.split("step ")[1].split(";")[0])
+    assert 10 <= saved < TOTAL and str(saved) in os.listdir(tmp_path / "checkpoints")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -126,6 +136,7 @@ def test_a_checkpoint_with_the_earlier_iterator_layout_resumes_at_the_same_batch
     assert state == {"next_index": 6}  # batches taken
     (step_dir / "data" / "process_0-of-1.json").unlink()
     (step_dir / "data" / "metadata").write_text(json.dumps(state))  # what ocp.args.JsonSave wrote
+    shutil.rmtree(step_dir / "run")  # nor did those checkpoints store the config and the examples seen
     shutil.rmtree(tmp_path / "checkpoints" / "12")
     loop.run(c, str(tmp_path))
     assert losses(tmp_path) == reference

@@ -14,6 +14,8 @@ def base():
     c.mesh = "data:-1"
     c.optimizer_sharding = "replicated"
     c.keep_checkpoints = 2
+    # Keys whose change on resume is deliberate, comma-separated (vit22b/train/resume.py lists those always allowed).
+    c.allow_config_change = ""
 
     c.input = ml_collections.ConfigDict()
     c.input.data_dir = ""  # empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets

@@ -12,7 +12,7 @@ TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "model_name", "model", "input", "loss", "label_smoothing",
     "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule", "model_init",
-    "mesh", "sharding_rules", "optimizer_sharding",
+    "mesh", "sharding_rules", "optimizer_sharding", "allow_config_change",
 }
 INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
               "num_threads", "prefetch", "num_workers", "pp_train", "pp_eval", "mixup", "on_bad_record"}
@@ -43,6 +43,13 @@ def validate(config):
         _check(key in TOP_KEYS, key, f"unknown key; known top-level keys: {sorted(TOP_KEYS)}")
     for key in ("total_steps", "model", "input", "loss", "optimizer", "lr", "schedule"):
         _check(key in config, key, "is required")
+    for key in config.get("allow_config_change", "").split(","):
+        key = key.strip().removeprefix("config.")
+        if key:
+            try:
+                _get(config, key)
+            except (KeyError, AttributeError):
+                raise ConfigError(f"config.allow_config_change: {key!r} is not a key of this config") from None
     for key in config.input:
         _check(key in INPUT_KEYS, f"input.{key}", f"unknown key; known input keys: {sorted(INPUT_KEYS)}")
     for key in ("data", "batch_size", "image_size"):

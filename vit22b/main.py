@@ -1,5 +1,6 @@
 """python -m vit22b.main --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.key=value ...] [--dry_run]"""
 import os
+import socket
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,12 +22,21 @@ flags.mark_flags_as_required(["config", "workdir"])
 AUTO_ENV = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")
 
 
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _init_distributed():
+    """jax.distributed in every run, a single process included: its preemption service turns a SIGTERM to any
+    process into one step that all processes save (vit22b/train/loop.py)."""
     import jax
     f = flags.FLAGS
     explicit = f.coordinator_address is not None
     auto = any(os.environ.get(k) for k in AUTO_ENV) and int(os.environ.get("SLURM_NTASKS", "2")) > 1
     if not (explicit or auto):
+        jax.distributed.initialize(f"127.0.0.1:{_free_port()}", num_processes=1, process_id=0)
         return
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -60,7 +70,7 @@ def main(argv):
         _init_distributed()
     from vit22b import config_check
     from vit22b.input import pipeline
-    from vit22b.train import loop  # after flag parsing, so --help stays fast
+    from vit22b.train import checkpointing, loop, resume  # after flag parsing, so --help stays fast
     try:
         if flags.FLAGS.dry_run:
             from vit22b.parallel import planner
@@ -68,9 +78,29 @@ def main(argv):
             return
         loop.run(config, flags.FLAGS.workdir)
     except (config_check.ConfigError, pipeline.DatasetNotFoundError, pipeline.BadRecordError,
-            loop.NonFiniteLossError) as e:
+            loop.NonFiniteLossError, resume.ConfigChangedError, checkpointing.CheckpointMismatchError,
+            checkpointing.NoCheckpointRestoresError) as e:
+        raise SystemExit("\n".join(f"error: {line}" for line in str(e).splitlines())) from None
+    except loop.Interrupted as e:
+        print(e, flush=True)
+        raise SystemExit(130) from None
+
+
+def _parse_flags(argv):
+    """absl's parsing, with ml_collections' error for an unknown override key (raised as a KeyError or
+    AttributeError with its did-you-mean suggestion, which absl would print as a traceback) as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
         raise SystemExit(f"error: {e}") from None
+    except (AttributeError, KeyError) as e:
+        lines = str(e.args[0] if e.args else e).strip("'\"").replace("\\'", "'").split("\\n")
+        bad = lines[0].strip("'")
+        spec = next((a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.") and
+                     bad in a.split("=")[0].split(".")), f"config.{bad}")
+        hint = " ".join(line.strip() for line in lines[1:])
+        raise SystemExit(f"error: {spec}: no such key{'; ' + hint if hint else ''}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -218,12 +218,14 @@ def _pp(pp, image_size, channels):
 
 
 def train_dataset(source, *, seed, batch_size, image_size=None, pp=None, num_classes=None, multi_label=False,
-                  on_bad_record="skip", mix=None, channels=None, process_index=0, process_count=1):
+                  on_bad_record="skip", mix=None, channels=None, process_index=0, process_count=1, offset=0):
     """This process's part of each global batch: the global example order (seeded, reshuffled every epoch)
     does not depend on the number of processes, and each example is read by exactly one process. Every random
     choice depends only on (seed, position), so worker processes and threads do not change a batch.
 
-    pp: a preprocess string (or parsed list); mix: kwargs of `preprocess.mix_batch` (mixup / cutmix), or None.
+    pp: a preprocess string (or parsed list); mix: kwargs of `preprocess.mix_batch` (mixup / cutmix), or None;
+    offset: the number of examples of that order to skip (a resume with another batch size starts where the
+    checkpoint had reached, vit22b/train/resume.py).
     """
     if batch_size % process_count:
         raise ValueError(f"input.batch_size: {batch_size} is not divisible by {process_count} processes")
@@ -235,7 +237,8 @@ def train_dataset(source, *, seed, batch_size, image_size=None, pp=None, num_cla
                     placeholder=placeholder)
     local = batch_size // process_count
     # Batches of record indices, read in bulk (ArrayRecord's batched read is ~25x faster than one at a time).
-    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat().batch(local, drop_remainder=True)
+    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
+    order = (order[offset:] if offset else order).batch(local, drop_remainder=True)
 
     def make_batch(index, indices):
         batch = _collate([fn(index * local + j, ex) for j, ex in enumerate(read_many(source, indices))])

@@ -40,6 +40,11 @@ def read_state_dict(path):
             raise CheckpointError(
                 f"{path}: refused to load: the file needs code beyond plain tensors to unpickle, which could run "
                 f"anything. Convert it to safetensors in a sandbox you trust. ({str(e).splitlines()[0]})") from None
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
+        except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways inside torch
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
+                                  f"{' '.join(str(e).split())[:200]}") from None
         for key in ("model", "state_dict"):
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
@@ -142,6 +147,18 @@ def state_dict_to_params(sd, abstract_params):
     return tree
 
 
+def _check_is_swinv2(sd, path):
+    if any(re.match(r"layers\.\d+\.blocks\.\d+\.attn\.logit_scale$", k) for k in sd):
+        return
+    vit = [k for k in ("cls_token", "pos_embed") if k in sd] + sorted(
+        {re.sub(r"\.\d+\.", ".N.", k.rsplit(".", 1)[0]) for k in sd if re.match(r"blocks\.\d+\.attn\.qkv\.", k)})
+    if vit:
+        raise CheckpointError(f"{path}: this file holds a ViT ({', '.join(vit)}), not a Swin V2")
+    layers = [k for k in sd if k.startswith("layers.")]
+    what = "a Swin V1 (no logit_scale)" if layers else f"no Swin V2 parameters (first keys: {sorted(sd)[:3]})"
+    raise CheckpointError(f"{path}: this file holds {what}, not a Swin V2")
+
+
 def abstract_params(module, img_size, channels=3):
     boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, img_size, img_size, channels))))
     return nn.meta.unbox(boxed["params"])
@@ -152,6 +169,7 @@ def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, **model_k
     images_nhwc)` gives logits. Settings not given (embed_dim, depths, heads, classes) come from the file;
     window_size and pretrained_window_sizes may differ from the checkpoint's (log-spaced CPB transfers)."""
     sd, _ = to_official_keys(read_state_dict(path))
+    _check_is_swinv2(sd, path)
     cfg = dict(model_kw)
     if variant is None and "embed_dim" not in cfg:
         cfg["embed_dim"] = int(sd["patch_embed.proj.weight"].shape[0])
@@ -185,8 +203,12 @@ def main(argv=None):
     ap.add_argument("--num_classes", type=int, default=None)
     args = ap.parse_args(argv)
     pws = [int(x) for x in args.pretrained_window_sizes.split(",")]
-    module, params = load_swinv2(args.checkpoint, variant=args.variant, img_size=args.img,
-                                 num_classes=args.num_classes, window_size=args.window, pretrained_window_sizes=pws)
+    try:
+        module, params = load_swinv2(args.checkpoint, variant=args.variant, img_size=args.img,
+                                     num_classes=args.num_classes, window_size=args.window,
+                                     pretrained_window_sizes=pws)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     import os
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.abspath(args.out), params)

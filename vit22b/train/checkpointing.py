@@ -17,28 +17,142 @@ def make_manager(workdir, keep):
     return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints", options=options)
 
 
-def save(manager, step, state, iterator):
+def save(manager, step, state, iterator, run_info):
     """Asynchronous: returns once the arrays are copied off the devices; the write goes on behind. The input
-    iterator's position is saved by Grain's own handler, one file per process."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator))
+    iterator's position is saved by Grain's own handler, one file per process; RUN_INFO (the config and the input
+    position in examples, vit22b/train/resume.py) as JSON."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
+                              run=ocp.args.JsonSave(run_info))
     manager.save(step, args=args, force=True)
 
 
-def restore_latest(manager, abstract_state, iterator):
-    """(step, state) from the newest checkpoint, placed with abstract_state's shardings, with `iterator` moved
-    to the saved position; or None."""
-    step = manager.latest_step()
-    if step is None:
+def read_run_info(manager, step):
+    """The run info saved with STEP, or None for checkpoints written before it was (or where it is unreadable)."""
+    if not (paths.resolve(manager.directory) / str(step) / "run").exists():
         return None
+    try:
+        return manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    except Exception:  # noqa: BLE001 - damage; restore_latest reports it and moves the checkpoint aside
+        return None
+
+
+def newest_run_info(manager):
+    """(step, run info) of the newest checkpoint whose run info reads, or None."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        info = read_run_info(manager, step)
+        if info is not None:
+            return step, info
+    return None
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds another model or optimizer than this run builds (a changed config): nothing is moved."""
+
+
+class NoCheckpointRestoresError(RuntimeError):
+    """Every checkpoint in the workdir failed to restore; each was moved aside."""
+
+
+def restore_latest(manager, abstract_state, make_iterator, report=print):
+    """(step, state, iterator, run info) from the newest checkpoint that restores, the state placed with
+    abstract_state's shardings; None when there is no checkpoint. MAKE_ITERATOR(run_info or None) returns
+    (iterator, restore_position): the iterator to resume, moved to the saved position where restore_position.
+
+    A checkpoint that fails to restore (a truncated or missing file, unreadable metadata, an empty folder) is
+    reported in one line, moved aside to WORKDIR/damaged_checkpoints/ (never deleted) and the next older one is
+    tried. A readable checkpoint whose parameter or optimizer shapes differ from this run's is not damage: that
+    raises CheckpointMismatchError and moves nothing."""
+    tried = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        folder = paths.resolve(manager.directory) / str(step)
+        try:
+            stored = _state_metadata(folder)
+        except Exception as e:  # noqa: BLE001 - whatever unreadable metadata raises (Orbax, JSON, OS), it is damage
+            stored, problem = None, e
+        if stored is not None:
+            compare_trees(abstract_state, stored, f"the checkpoint {folder}", CheckpointMismatchError)
+            run_info = read_run_info(manager, step)
+            iterator, restore_position = make_iterator(run_info)
+            try:
+                return step, _restore(manager, step, folder, abstract_state, iterator, restore_position), \
+                    iterator, run_info
+            except Exception as e:  # noqa: BLE001 - a truncated array file fails in TensorStore, Orbax or numpy
+                problem = e
+                if hasattr(iterator, "close"):
+                    iterator.close()
+        aside = _move_aside(manager, folder)
+        reason = " ".join(str(problem).split())[:300] or type(problem).__name__
+        tried.append(f"{folder}: {reason}")
+        if jax.process_index() == 0:
+            report(f"checkpoint {folder} does not restore ({reason}); moved to {aside}, trying the one before",
+                   flush=True)
+    if tried:
+        raise NoCheckpointRestoresError("no checkpoint restores; tried " + " | ".join(tried))
+    return None
+
+
+def _state_metadata(folder):
+    """The stored state's tree of shapes and dtypes, read from its metadata alone."""
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(folder / "state")
+    stored = getattr(stored, "item_metadata", stored)
+    if stored is None or not jax.tree.leaves(stored):
+        raise ValueError("no state metadata")
+    return stored
+
+
+def _restore(manager, step, folder, abstract_state, iterator, restore_position):
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
     # Checkpoints written before the Grain handler hold the position as Orbax JSON (data/metadata).
-    legacy = paths.resolve(manager.directory) / str(step) / "data" / "metadata"
-    if legacy.exists():
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    legacy = folder / "data" / "metadata"
+    if restore_position and not legacy.exists():
+        items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if restore_position and legacy.exists():
         iterator.set_state(json.loads(legacy.read_text()))
-    else:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)))
-    return step, restored["state"]
+    return restored["state"]
+
+
+def _move_aside(manager, folder):
+    """Rename FOLDER to WORKDIR/damaged_checkpoints/STEP (or STEP.1, ...): process 0 renames, all wait for it."""
+    target_dir = folder.parent.parent / "damaged_checkpoints"
+    target = target_dir / folder.name
+    n = 0
+    while target.exists():
+        n += 1
+        target = target_dir / f"{folder.name}.{n}"
+    if jax.process_index() == 0:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        folder.rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"vit22b moved {folder.name} aside")
+    manager.reload()
+    return target
+
+
+def compare_trees(want, have, where, error):
+    """Raise ERROR naming the first parameter missing from, extra in, or shaped differently in HAVE (a tree of
+    shape metadata) than in WANT."""
+    want, have = _by_name(want), _by_name(have)
+    for name in sorted(set(want) | set(have)):
+        if name not in have:
+            raise error(f"{where} lacks {name}, which this run's model has")
+        if name not in want:
+            raise error(f"{where} has {name}, which this run's model does not")
+        if tuple(have[name].shape) != tuple(want[name].shape):
+            raise error(f"{name} has shape {tuple(have[name].shape)} in {where}; this run's model wants "
+                        f"{tuple(want[name].shape)}")
+
+
+def _by_name(tree):
+    """Leaves by their path as 'params/blocks/in_kernel' (stored metadata turns named tuples into dicts)."""
+    def part(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+    return {"/".join(part(k) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def abstract_like(tree, shardings):
@@ -54,14 +168,5 @@ def load_params(path, params, shardings):
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path)
         stored = getattr(stored, "item_metadata", stored)
-        want = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
-        have = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(stored)}
-        for name in sorted(set(want) | set(have)):
-            if name not in have:
-                raise ValueError(f"config.model_init: {path} lacks the model parameter {name}")
-            if name not in want:
-                raise ValueError(f"config.model_init: {path} has {name}, which the model does not")
-            if tuple(have[name].shape) != tuple(want[name].shape):
-                raise ValueError(f"config.model_init: {name} has shape {tuple(have[name].shape)} in {path}, "
-                                 f"the model wants {tuple(want[name].shape)}")
+        compare_trees(params, stored, str(path), lambda message: ValueError(f"config.model_init: {message}"))
         return ckptr.restore(path, abstract_like(params, shardings))

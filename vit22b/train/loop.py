@@ -4,6 +4,7 @@
 `create_train_state`, `make_train_step`, `evaluate`) are importable for notebooks.
 """
 import math
+import os
 import signal
 import threading
 import time
@@ -18,7 +19,7 @@ from absl import logging
 from vit22b import config_check, models, paths
 from vit22b.input import pipeline, preprocess
 from vit22b.parallel import sharding
-from vit22b.train import checkpointing, losses, optim
+from vit22b.train import checkpointing, losses, optim, resume
 from vit22b.train.metrics import MetricsWriter
 
 
@@ -191,6 +192,26 @@ def _check_finite(pending):
                     f"train/{key} is {m[key]} at step {step}; stopping. The last good checkpoint is kept.")
 
 
+class Interrupted(Exception):
+    """Ctrl-C: the run saved a checkpoint and stopped (the CLI exits with status 130)."""
+
+
+def _sigint_as_preemption():
+    """Where JAX's preemption service runs (the CLI starts jax.distributed, one process included), Ctrl-C takes the
+    preemption path: a SIGTERM to this process, so that every process saves the same step. A second Ctrl-C
+    interrupts at once. Returns (an Event set on Ctrl-C, the previous handler or None)."""
+    event = threading.Event()
+    if not jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
+        return event, None
+
+    def on_sigint(*_):
+        event.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return event, signal.signal(signal.SIGINT, on_sigint)
+
+
 def run(config, workdir):
     """Train (or resume) according to `config` in `workdir`. Returns the last metrics logged."""
     config_check.validate(config)
@@ -218,19 +239,27 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
     if eval_source is not None:
         check_pipeline_output(config, info, eval_source, image_shape, "eval")
     model = build_model(config, info.num_classes)
+    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+    newest = checkpointing.newest_run_info(manager)
+    if newest is not None:  # before anything compiles
+        resume.check(newest[1]["config"], config, paths.resolve(workdir))
 
     state, shardings, tx, lr_fn = create_train_state(model, config, mesh, image_shape)
     n_params = optim.count_params(state["params"])
-    manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
-    dataset = pipeline.train_dataset(train_source, **pipeline_kwargs(config, info))
-    iterator = pipeline.train_iterator(dataset, config.input.get("num_threads", 2),
-                                             config.input.get("prefetch", 8), config.input.get("num_workers", 0))
-    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings), iterator)
+
+    def make_iterator(run_info):
+        offset, restore_position = resume.input_start(run_info, config)
+        dataset = pipeline.train_dataset(train_source, offset=offset, **pipeline_kwargs(config, info))
+        return pipeline.train_iterator(dataset, config.input.get("num_threads", 2), config.input.get("prefetch", 8),
+                                       config.input.get("num_workers", 0)), restore_position
+
+    restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state, shardings), make_iterator)
     if restored is not None:
-        start, state = restored
+        start, state, iterator, run_info = restored
         logging.info("Resumed from step %d in %s", start, workdir)
     else:
-        start = 0
+        start, run_info = 0, None
+        iterator, _ = make_iterator(None)
         if config.get("model_init"):
             state["params"] = checkpointing.load_params(config.model_init, state["params"], shardings["params"])
             logging.info("Initialised parameters from %s", config.model_init)
@@ -244,12 +273,14 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
     quiet_step = make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)  # compiled on first use
     eval_step = make_eval_step(model, config, shardings["params"], mesh)
 
-    stop = {"sigterm": False}
-    previous_handler = None
-    if threading.current_thread() is threading.main_thread():  # signals can only be set there
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    sigint, previous_sigint = _sigint_as_preemption()
 
     total, batch_size = config.total_steps, config.input.batch_size
+    # Where this run's input stream starts, in examples, and how many examples the restored state had seen (a
+    # checkpoint from before these were saved implies the same batch size throughout).
+    input_offset = resume.input_start(run_info, config)[0]
+    examples_seen = run_info["examples_seen"] if run_info else start * batch_size
+    stored_config = resume.config_dict(config)
     pending, last = [], {}
     t0, step0 = time.perf_counter(), start
     data_wait, bad_records = 0.0, 0  # seconds blocked on the input pipeline since the last log; bad records read
@@ -259,12 +290,13 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
             batch = next(iterator)
             data_wait += time.perf_counter() - t_wait
             bad_records += int(batch.pop("bad").sum())
-            # A SIGTERM during this step makes it the last one, logged without param_norm and update_norm.
-            logged = step % config.log_every == 0 or step == total or stop["sigterm"]
+            logged = step % config.log_every == 0 or step == total
             state, metrics = (train_step if logged else quiet_step)(state, to_device(_model_inputs(batch), mesh))
             pending.append((step, metrics))
-            sigterm = stop["sigterm"]  # read once: the signal may land anywhere in this iteration
-            final = step == total or sigterm
+            # A preemption notice (SIGTERM to any process) makes every process stop at the same step, which JAX's
+            # preemption service picks after the notice; that step is saved and logged (without the two norms).
+            preempted = manager.reached_preemption(step)
+            final = step == total or preempted
             do_log = step % config.log_every == 0 or final
             do_eval = eval_source is not None and (step % config.eval_every == 0 or step == total)
             do_ckpt = step % config.checkpoint_every == 0 or final
@@ -300,10 +332,15 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
                           f"eval/loss {ev['eval/loss']:.4f} ({len(eval_source)} examples)", flush=True)
                 t0 += time.perf_counter() - t_eval  # keep eval time out of the training throughput
             if do_ckpt:
-                checkpointing.save(manager, step, state, iterator)
-            if sigterm:
+                checkpointing.save(manager, step, state, iterator, dict(
+                    config=stored_config, input_offset=input_offset,
+                    examples_seen=examples_seen + (step - start) * batch_size))
+            if preempted:
+                manager.wait_until_finished()
+                if sigint.is_set():
+                    raise Interrupted(f"Interrupted (SIGINT): saved a checkpoint at step {step}; exiting.")
                 if is_main:
-                    print(f"SIGTERM: saved a checkpoint at step {step}; exiting.", flush=True)
+                    print(f"Preempted: saved a checkpoint at step {step}; exiting.", flush=True)
                 break
     finally:
         if hasattr(iterator, "close"):  # stops mp_prefetch worker processes
@@ -311,8 +348,8 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
         manager.wait_until_finished()
         manager.close()
         writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        if previous_sigint is not None:
+            signal.signal(signal.SIGINT, previous_sigint)
     last["step"] = int(jax.device_get(state["step"]))
     return last
 

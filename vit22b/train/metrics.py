@@ -1,6 +1,7 @@
 """`WORKDIR/metrics.jsonl` (one JSON object per line, with `step`) and TensorBoard event files."""
 import io
 import json
+import os
 
 import numpy as np
 from etils import epath
@@ -58,10 +59,26 @@ class MetricsWriter:
         self.tb = SummaryWriter(logdir=str(self.path.parent), flush_secs=30)
 
     def _kept_rows(self, last_step):
+        """The lines up to LAST_STEP. A line that is not a JSON row (a write cut short) is reported with its
+        number and moved to metrics.jsonl.malformed."""
         if not self.path.exists():
             return []
-        return [line for line in self.path.read_text().splitlines(keepends=True)
-                if line.strip() and json.loads(line)["step"] <= last_step]
+        kept, malformed = [], []
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, TypeError, KeyError):
+                malformed.append(line + "\n")
+                print(f"{self.path}:{n}: not a JSON row; moved to {self.path}.malformed", flush=True)
+                continue
+            if step <= last_step:
+                kept.append(line + "\n")
+        if malformed:
+            aside = self.path.parent / (self.path.name + ".malformed")
+            aside.write_text((aside.read_text() if aside.exists() else "") + "".join(malformed))
+        return kept
 
     def _rewrite(self, lines):
         tmp = self.path.parent / (self.path.name + ".tmp")
@@ -74,8 +91,7 @@ class MetricsWriter:
         row = {"step": int(step), **{k: float(np.asarray(v)) for k, v in metrics.items()}}
         line = json.dumps(row) + "\n"
         if self._rows is None:
-            with self.path.open("a") as f:
-                f.write(line)
+            _append_whole(self.path, line.encode())
         else:
             self._rows.append(line)
             self._rewrite(self._rows)
@@ -88,7 +104,31 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _append_whole(path, data):
+    """Append DATA in one write, or not at all: a write cut short (a full disk) is truncated away again, so the
+    file never ends in half a row."""
+    fd = os.open(os.fspath(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+        except OSError:
+            written = -1
+        if written != len(data):
+            os.ftruncate(fd, size)
+            raise OSError(f"{path}: could not append a metrics row (disk full?)")
+    finally:
+        os.close(fd)
+
+
 def read_metrics(workdir):
     """All rows of WORKDIR/metrics.jsonl, in order."""
-    text = (paths.resolve(workdir) / "metrics.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    path = paths.resolve(workdir) / "metrics.jsonl"
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not a JSON row: {line[:80]!r}") from None
+    return rows
