@@ -29,10 +29,10 @@ def reference(tmp_path_factory):
     return losses(workdir)
 
 
-def truncate_largest_array_file(folder):
-    data = max((p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
-               key=lambda p: p.stat().st_size)
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+def truncate_array_files(folder):
+    # Every data file, since which parts of which file a restore reads depends on how the async writes landed.
+    for data in (p for p in (folder / "state").rglob("*") if p.is_file() and p.parent.name == "d"):
+        data.write_bytes(data.read_bytes()[:16])
 
 
 def remove_metadata(folder):
@@ -45,7 +45,7 @@ def empty(folder):
     folder.mkdir()
 
 
-@pytest.mark.parametrize("damage", [truncate_largest_array_file, remove_metadata, empty])
+@pytest.mark.parametrize("damage", [truncate_array_files, remove_metadata, empty])
 def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_one_before_resumes(damage, tmp_path, reference, capsys):
     loop.run(tiny(), str(tmp_path))
     damage(tmp_path / "checkpoints" / "12")
