@@ -1,7 +1,8 @@
-"""Orbax checkpoints of the train state plus the input iterator position (Grain's Orbax handler).
+"""Orbax checkpoints of the train state, the input iterator position (Grain's Orbax handler) and the run info
+(the config and the examples seen, vit22b/train/resume.py).
 
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed at any moment
-leaves only whole checkpoints; a restart restores the newest one.
+leaves only whole checkpoints; a restart restores the newest one that restores, moving damaged ones aside.
 """
 import json
 
