@@ -6,7 +6,7 @@ import jax
 from vit22b import models
 from vit22b.input import preprocess
 from vit22b.parallel import sharding
-from vit22b.train import losses, optim
+from vit22b.train import losses, optim, resume
 
 TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
@@ -43,13 +43,11 @@ def validate(config):
         _check(key in TOP_KEYS, key, f"unknown key; known top-level keys: {sorted(TOP_KEYS)}")
     for key in ("total_steps", "model", "input", "loss", "optimizer", "lr", "schedule"):
         _check(key in config, key, "is required")
-    for key in config.get("allow_config_change", "").split(","):
-        key = key.strip().removeprefix("config.")
-        if key:
-            try:
-                _get(config, key)
-            except (KeyError, AttributeError):
-                raise ConfigError(f"config.allow_config_change: {key!r} is not a key of this config") from None
+    for key in resume.allowed_changes(config):
+        try:
+            _get(config, key)
+        except (KeyError, AttributeError):
+            raise ConfigError(f"config.allow_config_change: {key!r} is not a key of this config") from None
     for key in config.input:
         _check(key in INPUT_KEYS, f"input.{key}", f"unknown key; known input keys: {sorted(INPUT_KEYS)}")
     for key in ("data", "batch_size", "image_size"):

@@ -87,19 +87,21 @@ def main(argv):
 
 
 def _parse_flags(argv):
-    """absl's parsing, with ml_collections' error for an unknown override key (raised as a KeyError or
-    AttributeError with its did-you-mean suggestion, which absl would print as a traceback) as one line."""
+    """absl's parsing, with ml_collections' error for an unknown override key (a KeyError carrying its
+    did-you-mean suggestion, wrapped in an AttributeError that absl would print as a traceback) as one line."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
         raise SystemExit(f"error: {e}") from None
     except (AttributeError, KeyError) as e:
-        lines = str(e.args[0] if e.args else e).strip("'\"").replace("\\'", "'").split("\\n")
-        bad = lines[0].strip("'")
-        spec = next((a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.") and
-                     bad in a.split("=")[0].split(".")), f"config.{bad}")
-        hint = " ".join(line.strip() for line in lines[1:])
-        raise SystemExit(f"error: {spec}: no such key{'; ' + hint if hint else ''}") from None
+        message = e
+        while isinstance(message, BaseException) and message.args:
+            message = message.args[0]
+        bad, *hint = str(message).splitlines()
+        bad = bad.strip("'")
+        spec = next((a[2:].split("=")[0] for a in argv[1:]
+                     if a.startswith("--config.") and bad in a.split("=")[0].split(".")), f"config.{bad}")
+        raise SystemExit(f"error: {spec}: no such key{'; ' + ' '.join(hint) if hint else ''}") from None
 
 
 if __name__ == "__main__":

@@ -237,8 +237,8 @@ def train_dataset(source, *, seed, batch_size, image_size=None, pp=None, num_cla
                     placeholder=placeholder)
     local = batch_size // process_count
     # Batches of record indices, read in bulk (ArrayRecord's batched read is ~25x faster than one at a time).
-    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()
-    order = (order[offset:] if offset else order).batch(local, drop_remainder=True)
+    order = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat()[offset:]
+    order = order.batch(local, drop_remainder=True)
 
     def make_batch(index, indices):
         batch = _collate([fn(index * local + j, ex) for j, ex in enumerate(read_many(source, indices))])

@@ -54,7 +54,7 @@ class NoCheckpointRestoresError(RuntimeError):
     """Every checkpoint in the workdir failed to restore; each was moved aside."""
 
 
-def restore_latest(manager, abstract_state, make_iterator, report=print):
+def restore_latest(manager, abstract_state, make_iterator):
     """(step, state, iterator, run info) from the newest checkpoint that restores, the state placed with
     abstract_state's shardings; None when there is no checkpoint. MAKE_ITERATOR(run_info or None) returns
     (iterator, restore_position): the iterator to resume, moved to the saved position where restore_position.
@@ -85,8 +85,8 @@ def restore_latest(manager, abstract_state, make_iterator, report=print):
         reason = " ".join(str(problem).split())[:300] or type(problem).__name__
         tried.append(f"{folder}: {reason}")
         if jax.process_index() == 0:
-            report(f"checkpoint {folder} does not restore ({reason}); moved to {aside}, trying the one before",
-                   flush=True)
+            print(f"checkpoint {folder} does not restore ({reason}); moved to {aside}, trying the one before",
+                  flush=True)
     if tried:
         raise NoCheckpointRestoresError("no checkpoint restores; tried " + " | ".join(tried))
     return None
