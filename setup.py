@@ -44,6 +44,10 @@ setup(
             "torchvision==0.29.1",
             "timm>=1.0.15",
             "safetensors>=0.4",
+            # The TPU compiler for `--dry_run --topology` (tests/test_tpu_plan.py). jax[tpu] 0.12.1 asks for
+            # libtpu 0.0.53, which the package index here lacks; 0.0.52 compiles for TPU topologies beside jax 0.10
+            # and 0.12.
+            "libtpu==0.0.52; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },
 )

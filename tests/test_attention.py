@@ -122,7 +122,7 @@ def test_every_model_attention_goes_through_the_entry_point(family, cfg, size, e
 ])
 def test_cudnn_asked_for_where_it_cannot_run_is_a_config_error(family, cfg, size):
     with pytest.raises(ValueError, match=r"model.attention_impl: 'cudnn' cannot run here: cuDNN attention needs "
-                                         r"an NVIDIA GPU; the backend here is cpu"):
+                                         r"an NVIDIA GPU; the target here is cpu"):
         models.resolve(family, dict(cfg, attention_impl="cudnn", dtype="bfloat16"), 10, size)
     with pytest.raises(ValueError, match=r"model.attention_impl: 'flash' is not one of"):
         models.resolve(family, dict(cfg, attention_impl="flash"), 10, size)
@@ -143,3 +143,73 @@ def test_cudnn_constraints(monkeypatch):
     assert "even sequence lengths" in ok(jnp.bfloat16, 64, 197, 197, True)
     assert attention.kernel_for("auto", jnp.bfloat16, 64, 196, 196, False) == "cudnn"
     assert attention.kernel_for("auto", jnp.float32, 64, 196, 196, False) == "xla"
+
+
+PALLAS_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental.pallas import tpu as pltpu
+from vit22b.models import attention
+from vit22b.parallel import sharding
+
+attention.target_platform = lambda: "tpu"  # the kernel runs in Pallas' TPU interpreter on these CPU devices
+r = np.random.default_rng(0)
+rand = lambda *s: jnp.asarray(r.standard_normal(s), jnp.float32)
+
+def einsum_attention(q, k, v, b):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.25
+    if b is not None:
+        logits = logits + jnp.tile(b, (q.shape[0] // b.shape[0], 1, 1, 1))
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+out = {}
+mesh = sharding.make_mesh("data:2,model:2")
+# (batch, query length, bias groups): Swin's grouped bias whose groups each device's batch share holds whole; one
+# it does not (tiled to the batch first); the MAP head's single probe without a bias.
+for batch, q_len, groups in [(4, 128, 2), (12, 128, 4), (4, 1, None)]:
+    q, k, v = rand(batch, q_len, 2, 16), rand(batch, 128, 2, 16), rand(batch, 128, 2, 16)
+    b = None if groups is None else rand(groups, 2, q_len, 128)
+    g = rand(batch, q_len, 2, 16)
+    args = (q, k, v) if b is None else (q, k, v, b)
+    def loss(fn):
+        return lambda *a: jnp.sum(fn(*(a + (None,))[:4]) * g)
+    ours = lambda q, k, v, b: attention.attention(q, k, v, bias=b, scale=0.25, impl="pallas")
+    with sharding.activate(mesh), pltpu.force_tpu_interpret_mode():
+        got = jax.jit(ours)(q, k, v, b)
+        grads = jax.jit(jax.grad(loss(ours), tuple(range(len(args)))))(*args)
+    want = einsum_attention(q, k, v, b)
+    want_grads = jax.grad(loss(einsum_attention), tuple(range(len(args))))(*args)
+    out[f"{batch},{q_len},{groups}"] = [float(jnp.abs(got - want).max())] + [
+        float(jnp.abs(x - y).max() / jnp.abs(y).max()) for x, y in zip(grads, want_grads)]
+print("ERRS" + json.dumps(out))
+"""
+
+
+def test_pallas_tpu_flash_equals_einsum_softmax_on_a_mesh():
+    """attention_impl='pallas': the Pallas TPU flash kernel, run by Pallas' TPU interpreter on 4 CPU devices
+    under a (data 2, model 2) mesh, where the entry point wraps it in a shard_map (batch and heads split),
+    equals softmax(scale q k^T + bias) v, values and gradients (bias included)."""
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO, cpu_env
+    r = subprocess.run([sys.executable, "-c", PALLAS_SCRIPT], cwd=REPO, env=cpu_env(devices=4),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    errs = json.loads(r.stdout.split("ERRS", 1)[1])
+    assert set(errs) == {"4,128,2", "12,128,4", "4,1,None"}
+    for case, values in errs.items():
+        assert max(values) < 1e-5, (case, values)
+
+
+def test_pallas_is_a_tpu_kernel_with_shape_limits(monkeypatch):
+    with pytest.raises(ValueError, match=r"model.attention_impl: 'pallas' is a TPU kernel; the target here is cpu"):
+        models.resolve("vit", dict(variant="B/16", attention_impl="pallas"), 10, 224)
+    monkeypatch.setattr(attention, "target_platform", lambda: "tpu")
+    assert attention.kernel_for("pallas", jnp.bfloat16, 128, 256, 256, False) == "pallas"  # ViT-22B
+    assert attention.kernel_for("pallas", jnp.bfloat16, 128, 1, 256, False) == "pallas"  # its MAP head
+    assert attention.kernel_for("pallas", jnp.bfloat16, 64, 196, 196, False) == "xla"  # ViT-B/16
+    assert attention.kernel_for("pallas", jnp.bfloat16, 32, 144, 144, True) == "xla"  # Swin V2, window 12
+    assert "multiples of 128" in attention.pallas_unsupported(32, 400, 400)
+    assert "head_dim up to 128" in attention.pallas_unsupported(192, 256, 256)
+    assert attention.kernel_for("auto", jnp.bfloat16, 128, 256, 256, False) == "xla"  # not chosen by itself

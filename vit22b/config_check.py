@@ -37,8 +37,10 @@ def _check(cond, field, msg):
         raise ConfigError(f"config.{field}: {msg}")
 
 
-def validate(config):
-    """Raise ConfigError naming the first bad field. Returns the resolved model constructor kwargs."""
+def validate(config, num_devices=None):
+    """Raise ConfigError naming the first bad field. Returns the resolved model constructor kwargs.
+
+    num_devices: the devices `config.mesh` is laid over (default: this process's JAX devices)."""
     for key in config:
         _check(key in TOP_KEYS, key, f"unknown key; known top-level keys: {sorted(TOP_KEYS)}")
     for key in ("total_steps", "model", "input", "loss", "optimizer", "lr", "schedule"):
@@ -78,7 +80,8 @@ def validate(config):
     _check(config.get("optimizer_sharding", "replicated") in ("replicated", "zero1"), "optimizer_sharding",
            f"expected 'replicated' or 'zero1', got {config.get('optimizer_sharding')!r}")
     try:
-        mesh = sharding.parse_mesh(config.get("mesh", "data:-1"), jax.device_count())
+        mesh = sharding.parse_mesh(config.get("mesh", "data:-1"),
+                                   jax.device_count() if num_devices is None else num_devices)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
     n = mesh["data"] * mesh["fsdp"]

@@ -9,10 +9,16 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and config.json go here: a "
                     "local path, a file:// URL, or gs:// / s3:// where that filesystem is installed.")
-flags.DEFINE_bool("dry_run", False, "Plan only: compile the train step for config.mesh on simulated CPU devices, "
-                  "print parameters, FLOPs and per-device memory, write WORKDIR/plan.json.")
+flags.DEFINE_bool("dry_run", False, "Plan only: compile the train step for config.mesh on simulated CPU devices "
+                  "(or for a TPU slice with --topology), print parameters, FLOPs and per-device memory, write "
+                  "WORKDIR/plan.json.")
+flags.DEFINE_bool("roofline", True, "With --topology: also count every layer's FLOPs and bytes for a roofline bound on "
+                  "step time (compiles two or more smaller unrolled copies of the model: minutes for the largest).")
 flags.DEFINE_integer("dry_run_devices", 0, "Devices to simulate for --dry_run (default: the mesh's size).")
-flags.DEFINE_float("memory_per_device_gib", 0.0, "With --dry_run: say whether the step fits this much memory.")
+flags.DEFINE_float("memory_per_device_gib", 0.0, "With --dry_run: say whether the step fits this much memory "
+                   "(default with --topology: the chip's HBM).")
+flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU topology with libtpu instead of simulated "
+                    "CPU devices, e.g. v4:4x4x8, v5p:8x8x8, v5e:16x16, v6e:16x16, or a slice name such as v4-256.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -64,22 +70,35 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
-    if flags.FLAGS.dry_run:
+    if flags.FLAGS.topology and not flags.FLAGS.dry_run:
+        raise app.UsageError("--topology plans a TPU program: it needs --dry_run")
+    if flags.FLAGS.topology and flags.FLAGS.dry_run_devices:
+        raise app.UsageError("--dry_run_devices simulates CPU devices; with --topology the devices are the slice's")
+    if flags.FLAGS.dry_run and flags.FLAGS.topology:
+        from vit22b.parallel import tpu
+        try:  # a bad name stops here, before JAX starts
+            tpu.describe(flags.FLAGS.topology)
+        except tpu.UnknownTopologyError as e:
+            raise SystemExit(f"error: {e}") from None
+        os.environ["JAX_PLATFORMS"] = "cpu"  # the host's backend; the TPU devices come from libtpu's topology
+    elif flags.FLAGS.dry_run:
         _simulate_devices(config)
     if not flags.FLAGS.dry_run:
         _init_distributed()
     from vit22b import config_check
     from vit22b.input import pipeline
+    from vit22b.parallel import tpu
     from vit22b.train import checkpointing, loop, resume  # after flag parsing, so --help stays fast
     try:
         if flags.FLAGS.dry_run:
             from vit22b.parallel import planner
-            planner.print_plan(planner.plan(config, flags.FLAGS.workdir, flags.FLAGS.memory_per_device_gib))
+            planner.print_plan(planner.plan(config, flags.FLAGS.workdir, flags.FLAGS.memory_per_device_gib,
+                                            flags.FLAGS.topology, flags.FLAGS.roofline))
             return
         loop.run(config, flags.FLAGS.workdir)
     except (config_check.ConfigError, pipeline.DatasetNotFoundError, pipeline.BadRecordError,
             loop.NonFiniteLossError, resume.ConfigChangedError, checkpointing.CheckpointMismatchError,
-            checkpointing.NoCheckpointRestoresError) as e:
+            checkpointing.NoCheckpointRestoresError, tpu.UnknownTopologyError) as e:
         raise SystemExit("\n".join(f"error: {line}" for line in str(e).splitlines())) from None
     except loop.Interrupted as e:
         print(e, flush=True)

@@ -11,6 +11,7 @@ import contextlib
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "model")
@@ -60,8 +61,14 @@ def make_mesh(spec="data:-1", devices=None):
     devices for the hardware's interconnect)."""
     devices = jax.devices() if devices is None else list(devices)
     sizes = parse_mesh(spec, len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, devices=devices,
-                         axis_types=(AxisType.Auto,) * len(AXES))
+    shape, types = tuple(sizes[a] for a in AXES), (AxisType.Auto,) * len(AXES)
+    try:
+        return jax.make_mesh(shape, AXES, devices=devices, axis_types=types)
+    except (ValueError, NotImplementedError):
+        # A 3-D torus whose dimensions no axis size matches (fsdp:8,model:8 on v4's 4x4x4): jax.make_mesh splits
+        # physical dimensions between mesh axes only on v5e; a split keeps each axis on neighbouring chips.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, AXES, axis_types=types)
 
 
 @contextlib.contextmanager

@@ -38,27 +38,33 @@ def rules_of(config):
 def abstract_train_state(model, config, mesh, image_shape, rules=None):
     """Shapes and shardings of {params, opt_state, step, rng}, from `jax.eval_shape` (nothing allocated).
 
-    Returns (init_fn, init_rng, abstract_state, state_shardings, tx, lr_fn).
+    Returns (init_fn, abstract_state, state_shardings, tx, lr_fn); `init_fn()` makes the state from
+    `config.seed`. Its random keys are split inside the traced function, so nothing runs eagerly: the planner
+    traces this for devices that are not attached (a TPU topology compiled on a CPU host).
     """
     rules = rules_of(config) if rules is None else rules
-    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
-    boxed = jax.eval_shape(lambda: model.init(init_rng, dummy))["params"]
+    dummy = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
+
+    def keys():
+        return jax.random.split(jax.random.PRNGKey(config.seed))
+
+    boxed = jax.eval_shape(lambda x: model.init(keys()[0], x), dummy)["params"]
     tx, lr_fn = optim.make_optimizer(config, sharding.strip_boxes(boxed))
 
-    def init(rng):
-        params = nn.meta.unbox(model.init(rng, dummy)["params"])
+    def init():
+        init_rng, train_rng = keys()
+        params = nn.meta.unbox(model.init(init_rng, jnp.zeros(dummy.shape, dummy.dtype))["params"])
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
                 "rng": train_rng}
 
-    abstract = jax.eval_shape(init, init_rng)
+    abstract = jax.eval_shape(init)
     p_shardings = sharding.param_shardings(boxed, mesh, rules)
     shardings = {
         "params": p_shardings,
         "opt_state": sharding.opt_state_shardings(abstract["opt_state"], abstract["params"], p_shardings, mesh,
                                                   zero1=config.get("optimizer_sharding", "replicated") == "zero1"),
         "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh)}
-    return init, init_rng, abstract, shardings, tx, lr_fn
+    return init, abstract, shardings, tx, lr_fn
 
 
 def create_train_state(model, config, mesh, image_shape, rules=None):
@@ -66,8 +72,8 @@ def create_train_state(model, config, mesh, image_shape, rules=None):
 
     Returns (state, state_shardings, tx, lr_fn).
     """
-    init, init_rng, _, shardings, tx, lr_fn = abstract_train_state(model, config, mesh, image_shape, rules)
-    state = jax.jit(init, out_shardings=shardings)(init_rng)
+    init, _, shardings, tx, lr_fn = abstract_train_state(model, config, mesh, image_shape, rules)
+    state = jax.jit(init, out_shardings=shardings)()
     return state, shardings, tx, lr_fn
 
 
