@@ -102,6 +102,7 @@ def test_swinv2_compiles_for_tpu_meshes():
     check_plan(fsdp_model, {"data": 1, "fsdp": 2, "model": 2})
     assert fsdp_model["collectives"]["all-gather"] > data_model["collectives"]["all-gather"]
     assert "mfu_upper_bound" not in data_model["roofline"]  # no analytic FLOPs for Swin V2 (yet)
+    assert 0 < data_model["params_block_matmuls"] < data_model["params_blocks"] < data_model["params_total"]
 
 
 def test_unknown_topology_is_one_line_naming_the_known_ones(tmp_path):

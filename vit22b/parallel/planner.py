@@ -189,7 +189,8 @@ def plan(config, workdir, memory_per_device_gib=None, topology=None, roofline=Tr
         return _write(result, workdir)
     mem = compiled.memory_analysis()
     params = abstract["params"]
-    blocks = {k: v for k, v in params.items() if k == "blocks" or k.startswith("block_")}
+    # ViT: 'blocks' (scanned) or 'block_N'; Swin V2: 'layers_S_blocks' (scanned) or 'layers_S_blocks_N'.
+    blocks = {k: v for k, v in params.items() if k == "blocks" or k.startswith("block_") or "_blocks" in k}
     block_kernels = sum(int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(blocks)
                         if jax.tree_util.keystr(path).endswith("kernel']"))
     p_bytes = _per_device_bytes(params, shardings["params"])
