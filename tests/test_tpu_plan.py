@@ -59,7 +59,7 @@ def test_vit22b_design_compiles_for_a_tpu_topology(tmp_path):
     assert p["target"]["requested"] == "v5p-8"
     c = check_plan(p, {"data": 2, "fsdp": 1, "model": 2})
     # The asynchronous parallel linear ops are rings of collective-permutes in the TPU program.
-    assert p["collectives"]["collective-permute"] >= 4 and p["collectives"]["reduce-scatter"] == 0
+    assert p["collectives"]["collective-permute"] >= 4
     # The compiled FLOPs (whole step, optimizer included) are close to the analytic 3 x forward count.
     assert 1.0 < c["flops_per_step"] / p["analytic"]["flops_per_step"] < 1.6
     assert 0 < p["roofline"]["mfu_upper_bound"] < 1
@@ -78,7 +78,9 @@ def test_vit_and_pallas_attention_on_tpu_meshes():
     )
     check_plan(classic, {"data": 1, "fsdp": 2, "model": 2})
     check_plan(fsdp, {"data": 1, "fsdp": 2, "model": 2})
-    assert fsdp["collectives"]["collective-permute"] >= 4 and fsdp["collectives"]["all-gather"] > 0  # fsdp gathers
+    # fsdp gathers the parameters and reduce-scatters their gradients (libtpu's all-reduce-scatter fusions).
+    assert fsdp["collectives"]["collective-permute"] >= 4 and fsdp["collectives"]["all-gather"] > 0
+    assert fsdp["collectives"]["reduce-scatter"] > 0
     check_plan(xla, {"data": 2, "fsdp": 1, "model": 2})
     assert xla["collectives"]["collective-permute"] == 0  # XLA's own collectives: no ring
     # Three scanned layers: their cost from two unrolled compiles (depth 2 and 4) equals the three-layer

@@ -166,10 +166,11 @@ class ParallelBlock(nn.Module):
         if self.parallel_linear != "collective" or not isinstance(axis, str):
             x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
             return apply(x, p), None
-        return _collective_block(apply, x, p, mesh, axis, self.collective_ring == "bidirectional"), None
+        pallas = getattr(self.ops.attention, "keywords", {}).get("impl") == "pallas"
+        return _collective_block(apply, x, p, mesh, axis, self.collective_ring == "bidirectional", pallas), None
 
 
-def _collective_block(apply, x, p, mesh, axis, bidirectional):
+def _collective_block(apply, x, p, mesh, axis, bidirectional, pallas=False):
     """Run `apply` under `jax.shard_map`: batch over the rules' batch axes (those that divide it), features,
     heads and the fused dimension over `axis`; per-head and replicated parameters whole."""
     act = sharding.fit_spec(P(nn.logical_to_mesh_axes(("batch",))[0], None, axis), x.shape, mesh)
@@ -181,11 +182,10 @@ def _collective_block(apply, x, p, mesh, axis, bidirectional):
         if n in p:
             specs[n] = {key: P() for key in p[n]}
     ring = {"axis": axis, "bidirectional": bidirectional}
-    # check_vma=False: Pallas kernels (attention_impl='pallas') declare outputs without the varying-axes types
-    # that checking needs. The block's psum and rings are over values that vary on `axis`, so the gradients
-    # are the same (tests/test_collective.py).
+    # Pallas kernels (attention_impl='pallas') declare outputs without the varying-axes types that check_vma
+    # needs; the block's psum and rings are over values that vary on `axis`, so unchecked they differentiate alike.
     return jax.shard_map(lambda x, p: apply(x, p, ring=ring), mesh=mesh, in_specs=(act, specs),
-                         out_specs=act, check_vma=False)(x, p)
+                         out_specs=act, check_vma=not pallas)(x, p)
 
 
 class SequentialBlock(nn.Module):

@@ -53,8 +53,19 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute
 
 def collective_counts(hlo_text):
     """Collectives in a compiled program's HLO text, by kind: synchronous ops and the `-start` halves of
-    asynchronous ones (their `-done` halves are not counted again)."""
-    return {op: len(re.findall(r"\s" + op + r"(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
+    asynchronous ones (their `-done` halves are not counted again). libtpu writes a reduce-scatter as a fusion
+    calling a computation `all-reduce-scatter*` whose body is an all-reduce: counted as a reduce-scatter."""
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    computation = ""
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            computation = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+        for op in COLLECTIVES:
+            n = len(re.findall(r"\s" + op + r"(?:-start)?\(", line))
+            if n and op == "all-reduce" and computation.startswith("all-reduce-scatter"):
+                op = "reduce-scatter"
+            counts[op] += n
+    return counts
 
 
 def _target(topology):
@@ -102,8 +113,9 @@ def _cost_per_step(config, kw, mesh, data, scanned_cost):
 
     def cost_at(ds):
         c = config.copy_and_resolve_references()
-        c.model.scan = False
-        c.model[key] = tuple(ds) if key == "depths" else ds[0]
+        with c.unlocked():  # a variant's config may not have the depth key yet; the CLI's config is locked
+            c.model.scan = False
+            c.model[key] = tuple(ds) if key == "depths" else ds[0]
         return _cost(_compile(c, mesh, data)[0])
 
     base_cost, compiles = cost_at(base), 1
@@ -118,13 +130,16 @@ def _cost_per_step(config, kw, mesh, data, scanned_cost):
 
 
 def _hbm_oom(error):
-    """The TPU compiler refuses a program whose temporaries exceed the chip's HBM; its numbers, in bytes."""
-    m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", str(error))
-    if not m:
-        return None
-    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
-    return {"temporaries": int(float(m.group(1)) * scale[m.group(2)]),
-            "hbm_available": int(float(m.group(3)) * scale[m.group(4)])}
+    """The TPU compiler refuses a program that does not fit the chip's HBM; what it needed (arguments and
+    temporaries) and what it had, in bytes. libtpu words it two ways."""
+    scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+    for pattern in (r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)",
+                    r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"):
+        m = re.search(pattern, str(error))
+        if m:
+            return {"needed": int(float(m.group(1)) * scale[m.group(2)]),
+                    "hbm_available": int(float(m.group(3)) * scale[m.group(4)])}
+    return None
 
 
 def _roofline(result, chip, model_flops_per_step):
@@ -220,10 +235,15 @@ def plan(config, workdir, memory_per_device_gib=None, topology=None, roofline=Tr
     if chip is not None:
         result["fits"] = buffers["peak"] <= chip.hbm_bytes
     if chip is not None and roofline:
-        (flops, moved), compiles = _cost_per_step(config, kw, mesh, data, scanned_cost)
-        result["compiler"].update(flops_per_device=float(flops), bytes_accessed_per_device=float(moved),
-                                  flops_per_step=float(flops) * mesh.size, cost_compiles=compiles)
-        result["roofline"] = _roofline(result, chip, model_flops)
+        try:
+            (flops, moved), compiles = _cost_per_step(config, kw, mesh, data, scanned_cost)
+            result["compiler"].update(flops_per_device=float(flops), bytes_accessed_per_device=float(moved),
+                                      flops_per_step=float(flops) * mesh.size, cost_compiles=compiles)
+            result["roofline"] = _roofline(result, chip, model_flops)
+        except jax.errors.JaxRuntimeError as e:  # an unrolled copy out of HBM: the plan stands, without roofline
+            if _hbm_oom(e) is None:
+                raise
+            result["compiler"]["roofline_error"] = str(e).strip().splitlines()[0]
     if memory_per_device_gib:
         total = buffers["peak"] if chip is not None else result["bytes_per_device"]["total"]
         result["fits"] = total <= memory_per_device_gib * 2 ** 30
@@ -245,8 +265,8 @@ def print_plan(r):
     c = r["compiler"]
     if "hbm_oom" in c:
         print(f"mesh {r['mesh']} = {r['devices']} devices{where}, batch {r['batch']} at {r['image_size']} px")
-        print(f"does NOT fit: the TPU compiler needs {c['hbm_oom']['temporaries'] / gib:.2f} GiB of temporaries per "
-              f"device, {c['hbm_oom']['hbm_available'] / gib:.2f} GiB of HBM are available")
+        print(f"does NOT fit: the TPU compiler needs {c['hbm_oom']['needed'] / gib:.2f} GiB per device (arguments "
+              f"and temporaries), {c['hbm_oom']['hbm_available'] / gib:.2f} GiB of HBM are available")
         return
     print(f"{r['model']}: {r['params_total'] / 1e9:.2f}B parameters, {r['params_blocks'] / 1e9:.2f}B in the "
           f"transformer blocks ({r['params_block_matmuls'] / 1e9:.2f}B block matmul weights)")

@@ -38,7 +38,8 @@ SLICES = {
     "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4",
     "v5p-128": "v5p:4x4x4", "v5p-256": "v5p:4x4x8", "v5p-512": "v5p:4x8x8", "v5p-1024": "v5p:8x8x8",
     "v5p-2048": "v5p:8x8x16", "v5p-4096": "v5p:8x16x16", "v5p-8192": "v5p:16x16x16",
-    **{f"{g}-{n}": f"{g}:{s}" for g in ("v5e", "v6e")
+    # v5e's slices are also called v5litepod-N (their gcloud accelerator type).
+    **{f"{name}-{n}": f"{g}:{s}" for g, name in (("v5e", "v5e"), ("v5e", "v5litepod"), ("v6e", "v6e"))
        for n, s in ((1, "1x1"), (4, "2x2"), (8, "2x4"), (16, "4x4"), (32, "4x8"), (64, "8x8"), (128, "8x16"),
                     (256, "16x16"))},
 }

@@ -23,7 +23,7 @@ def train_step_memory(config, batch_size, channels=3):
     batch = loop.abstract_batch(batch_size, (size, size, channels), 1000)
     with sharding.activate(mesh, loop.rules_of(config)):
         _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh,
-                                                                          (size, size, channels))
+                                                                       (size, size, channels))
         step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh)
         m = step.lower(abstract, batch).compile().memory_analysis()
     return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "output": m.output_size_in_bytes,

@@ -29,11 +29,11 @@ def plan(config_spec, topology, roofline=False, **overrides):
 
 
 def cell(r):
-    """HBM per chip as the TPU compiler sees it: the peak of a program that compiled, or what the temporaries
-    of one it refused would need."""
+    """HBM per chip as the TPU compiler sees it: the peak of a program that compiled, or what one it refused
+    needed (arguments and temporaries)."""
     c = r["compiler"]
     if "hbm_oom" in c:
-        return f"does not fit: temporaries alone {c['hbm_oom']['temporaries'] / GIB:.1f} GiB"
+        return f"does not fit: needs {c['hbm_oom']['needed'] / GIB:.1f} GiB"
     return f"{c['bytes_per_device']['peak'] / GIB:.1f} GiB ({c['compile_seconds']:.0f} s)"
 
 
@@ -81,7 +81,7 @@ def vit22b(args):
         print(f"\nThe config's setting (dots_no_batch, collective): {r['compiler']['flops_per_step'] / 1e15:.1f} PFLOP "
               f"per step compiled ({r['analytic']['flops_per_step'] / 1e15:.1f} analytic); roofline "
               f"{f['step_seconds_lower_bound']:.2f} s per step, {f['bound_by']}-bound, MFU at most "
-              f"{100 * f['mfu_upper_bound']:.1f}%; collectives {r['collectives']}")
+              f"{100 * f['mfu_upper_bound']:.1f}%")
     devices = r["devices"]
     ways = 1
     for axis in ("data", "fsdp"):
