@@ -5,6 +5,8 @@ import socket
 from absl import app, flags
 from ml_collections import config_flags
 
+from vit22b.parallel import tpu  # tables only: no JAX import
+
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':ARGS' for get_config(ARGS).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events and config.json go here: a "
@@ -75,7 +77,6 @@ def main(argv):
     if flags.FLAGS.topology and flags.FLAGS.dry_run_devices:
         raise app.UsageError("--dry_run_devices simulates CPU devices; with --topology the devices are the slice's")
     if flags.FLAGS.dry_run and flags.FLAGS.topology:
-        from vit22b.parallel import tpu
         try:  # a bad name stops here, before JAX starts
             tpu.describe(flags.FLAGS.topology)
         except tpu.UnknownTopologyError as e:
@@ -87,7 +88,6 @@ def main(argv):
         _init_distributed()
     from vit22b import config_check
     from vit22b.input import pipeline
-    from vit22b.parallel import tpu
     from vit22b.train import checkpointing, loop, resume  # after flag parsing, so --help stays fast
     try:
         if flags.FLAGS.dry_run:

@@ -77,21 +77,24 @@ def _target(topology):
     return tpu.devices(topology)
 
 
-def _compile(config, mesh, data):
-    """Lower and compile the train step from abstract shapes. Returns (compiled, abstract state, shardings,
-    lower seconds, compile seconds)."""
-    size = config.input.image_size
-    image = (size, size, data.channels)
+def compile_train_step(config, mesh, batch_size, image_shape, num_classes, multi_label=False):
+    """Lower and compile the train step from abstract shapes (nothing allocated). Returns (compiled, abstract
+    state, state shardings, lower seconds, compile seconds)."""
     start = time.perf_counter()
     with sharding.activate(mesh, loop.rules_of(config)):
-        model = loop.build_model(config, data.num_classes)
-        _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh, image)
+        model = loop.build_model(config, num_classes)
+        _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh, image_shape)
         step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh)
-        lowered = step.lower(abstract, loop.abstract_batch(config.input.batch_size, image, data.num_classes,
-                                                           data.multi_label))
+        lowered = step.lower(abstract, loop.abstract_batch(batch_size, image_shape, num_classes, multi_label))
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     return compiled, abstract, shardings, lowered_at - start, time.perf_counter() - lowered_at
+
+
+def _compile(config, mesh, data):
+    size = config.input.image_size
+    return compile_train_step(config, mesh, config.input.batch_size, (size, size, data.channels),
+                              data.num_classes, data.multi_label)
 
 
 def _cost(compiled):

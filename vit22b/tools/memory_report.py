@@ -10,8 +10,7 @@ import json
 import jax
 
 from vit22b import config_check
-from vit22b.parallel import sharding
-from vit22b.train import loop
+from vit22b.parallel import planner, sharding
 
 
 def train_step_memory(config, batch_size, channels=3):
@@ -19,13 +18,7 @@ def train_step_memory(config, batch_size, channels=3):
     config_check.validate(config)
     mesh = sharding.make_mesh("data:1", jax.devices()[:1])
     size = config.input.image_size
-    model = loop.build_model(config, num_classes=1000)
-    batch = loop.abstract_batch(batch_size, (size, size, channels), 1000)
-    with sharding.activate(mesh, loop.rules_of(config)):
-        _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh,
-                                                                       (size, size, channels))
-        step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh)
-        m = step.lower(abstract, batch).compile().memory_analysis()
+    m = planner.compile_train_step(config, mesh, batch_size, (size, size, channels), 1000)[0].memory_analysis()
     return {"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
             "generated_code": m.generated_code_size_in_bytes}
 

@@ -37,25 +37,18 @@ def cell(r):
     return f"{c['bytes_per_device']['peak'] / GIB:.1f} GiB ({c['compile_seconds']:.0f} s)"
 
 
-def fits(r):
-    return r["fits"]
-
-
-def largest_batch_per_chip(config_spec, topology, chips, data_ways, start, **overrides):
+def largest_batch_per_chip(config_spec, topology, chips, start, **overrides):
     """Doubling from `start` images per chip until the compiler refuses, then bisecting: the largest batch per
-    chip whose step fits the chip's HBM (batches are multiples of the data-parallel ways)."""
+    chip whose step fits the chip's HBM."""
     def ok(per_chip):
         r = plan(config_spec, topology, **{"input.batch_size": per_chip * chips}, **overrides)
         print(f"  batch {per_chip} per chip: {cell(r)}", flush=True)
-        return fits(r)
-    step = max(1, data_ways // chips)
+        return r["fits"]
     lo, hi = 0, start
     while ok(hi):
         lo, hi = hi, hi * 2
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
-            break
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
 
@@ -83,12 +76,9 @@ def vit22b(args):
               f"{f['step_seconds_lower_bound']:.2f} s per step, {f['bound_by']}-bound, MFU at most "
               f"{100 * f['mfu_upper_bound']:.1f}%")
     devices = r["devices"]
-    ways = 1
-    for axis in ("data", "fsdp"):
-        ways *= r["mesh"][axis]
     print("\nLargest batch per chip that fits:")
     for remat in ("dots_no_batch", "full"):
-        n = largest_batch_per_chip(spec, args.topology, devices, ways, max(1, args.batch // devices),
+        n = largest_batch_per_chip(spec, args.topology, devices, max(1, args.batch // devices),
                                    mesh=args.mesh, **{"model.remat_policy": remat})
         print(f"- `remat_policy='{remat}'`, collective: {n} images per chip (global batch {n * devices})",
               flush=True)
