@@ -80,8 +80,10 @@ def _vit(cfg, num_classes, image_size):
            f"image size {image_size} is not divisible by model.patch_size = {kw['patch_size']}")
     if kw.get("posemb") == "sincos2d":
         _check(kw["width"] % 4 == 0, "model.width", "sincos2d position embedding needs width % 4 == 0")
-    tokens = (image_size // kw["patch_size"]) ** 2 + (kw.get("head", vit.ViT.head) == "token")
-    lengths = [(tokens, tokens)] + ([(1, tokens)] if kw.get("head", vit.ViT.head) == "map" else [])
+    head = kw.get("head", vit.ViT.head)
+    patches = (image_size // kw["patch_size"]) ** 2
+    tokens = patches + (head == "token" or bool(kw.get("class_token")))
+    lengths = [(tokens, tokens)] + ([(1, patches)] if head == "map" else [])
     _check_attention(kw, [kw["width"] // kw["num_heads"]] * len(lengths), lengths, has_bias=False)
     return kw
 

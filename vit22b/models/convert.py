@@ -1,10 +1,21 @@
-"""Swin V2 weights from PyTorch into Flax: official Microsoft `.pth` (also SimMIM's `encoder.` checkpoints
-with the legacy `rpe_mlp` name) and timm state dicts, read safely (safetensors, or `torch.load` with
-`weights_only=True`: a pickle that would run code is refused).
+"""Weights both ways between PyTorch and our models, and parameters-only exports of training checkpoints.
+
+Import (--to=ours, the default): Swin V2 from official Microsoft `.pth` (also SimMIM's `encoder.` checkpoints with
+the legacy `rpe_mlp` name) and timm state dicts (here); ViTs from timm state dicts and big_vision /
+vision_transformer `.npz` (vit22b/models/vit_weights.py). Files are read safely (safetensors, `.npz` without
+pickles, or `torch.load` with `weights_only=True`: a pickle that would run code is refused).
+Export (--to=timm): our parameters as a timm state dict (`.safetensors`, or `.pth`) and the `timm.create_model`
+arguments that load it (beside it as JSON). --to=params: a training checkpoint's parameters alone (no optimizer
+state, optionally cast to bfloat16), for config.model_init and for sharing.
 
 From Python:   module, params = load_swinv2("swinv2_tiny_patch4_window8_256.pth", img_size=256, window_size=8)
+               module, params = vit_weights.load_vit("vit_base_patch16_224.safetensors", img_size=384)
 From a shell:  python -m vit22b.models.convert --checkpoint F.pth --variant T --img 256 --window 8 --out DIR
-               then train from it with --config.model_init=DIR.
+               python -m vit22b.models.convert --checkpoint vit_base_patch16_224.safetensors --out DIR
+               python -m vit22b.models.convert --to=timm --checkpoint WORKDIR/checkpoints/STEP --out F.safetensors
+               python -m vit22b.models.convert --to=params --checkpoint WORKDIR/checkpoints/STEP --out DIR
+                   [--dtype=bfloat16]
+               then train from DIR with --config.model_init=DIR.
 """
 import re
 
@@ -20,8 +31,7 @@ from vit22b.models import swinv2
 BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask", "k_bias")
 
 
-class CheckpointError(ValueError):
-    pass
+from vit22b.models.vit_weights import CheckpointError  # noqa: E402  one error type for both families
 
 
 def read_state_dict(path):
@@ -188,33 +198,189 @@ def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, **model_k
     return module, state_dict_to_params(sd, abstract_params(module, img_size, channels))
 
 
-def main(argv=None):
-    import argparse
+def swinv2_to_state_dict(module, params, layout="timm"):
+    """Our Swin V2 parameters as a PyTorch state dict (float32 numpy) in timm's key layout (downsample at the start
+    of stages 1..3, head.fc) or the official one (downsample at the end of stages 0..2, head)."""
+    if layout not in ("timm", "official"):
+        raise CheckpointError(f"--layout: {layout!r} is not 'timm' or 'official'")
+    params = nn.meta.unbox(params)
+    if module.extra_norm_every:
+        raise CheckpointError("model.extra_norm_every: SwinV2-H/G's extra main-branch norms have no place in "
+                              "timm's or the official Swin V2")
+    sd = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(getattr(p, "key", p)) for p in path]
+        value = np.asarray(leaf, np.float32)
+        stage = re.fullmatch(r"layers_(\d+)_blocks", names[0])
+        if stage:  # scanned: [groups, ...] under blocks_k, block m = group index * group size + k
+            group = sum(1 for k in params[names[0]] if k.startswith("blocks_"))
+            k = int(names[1].split("_")[1])
+            items = [(f"layers_{stage.group(1)}_blocks_{g * group + k}", names[2:], value[g])
+                     for g in range(value.shape[0])]
+        else:
+            items = [(names[0], names[1:], value)]
+        for first, rest, v in items:
+            key = re.sub(r"^layers_(\d+)_blocks_(\d+)$", r"layers.\1.blocks.\2", first)
+            down = re.fullmatch(r"layers_(\d+)_downsample", first)
+            if down:
+                key = f"layers.{int(down.group(1)) + (layout == 'timm')}.downsample"
+            key = {"patch_embed_proj": "patch_embed.proj", "patch_embed_norm": "patch_embed.norm",
+                   "head": "head.fc" if layout == "timm" else "head"}.get(key, key)
+            rest = [re.sub(r"^cpb_mlp_(\d+)$", r"cpb_mlp.\1", r) for r in rest]
+            name = rest[-1]
+            if name == "kernel":
+                name, v = "weight", (v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T)
+            elif name == "scale":
+                name = "weight"
+            sd[".".join([key] + rest[:-1] + [name])] = np.ascontiguousarray(v)
+    return sd
+
+
+def swinv2_timm_args(module, in_chans=3):
+    return {"model_name": "swinv2_tiny_window8_256", "img_size": module.img_size, "patch_size": module.patch_size,
+            "embed_dim": module.embed_dim, "depths": list(module.depths), "num_heads": list(module.num_heads),
+            "window_size": module.window_size, "mlp_ratio": module.mlp_ratio, "num_classes": module.num_classes,
+            "pretrained_window_sizes": list(module.pretrained_window_sizes), "in_chans": in_chans}
+
+
+def to_timm(module, params):
+    """(state dict, timm.create_model arguments) of either family."""
+    from vit22b.models import vit_weights
+    params = nn.meta.unbox(params)
+    if isinstance(module, swinv2.SwinTransformerV2):
+        in_chans = int(np.shape(params["patch_embed_proj"]["kernel"])[2])
+        return swinv2_to_state_dict(module, params), swinv2_timm_args(module, in_chans)
+    return vit_weights.to_timm(module, params)
+
+
+MODEL_FILE = "vit22b_model.json"  # beside the arrays of a params checkpoint: what model they belong to
+
+
+def save_params(out, params, spec):
+    """An Orbax params checkpoint (what config.model_init reads) plus MODEL_FILE: model_name, model settings,
+    image_size, num_classes."""
+    import json
+    import os
 
     import orbax.checkpoint as ocp
-    ap = argparse.ArgumentParser(description="Convert a PyTorch Swin V2 checkpoint into an Orbax checkpoint "
-                                             "for config.model_init.")
-    ap.add_argument("--checkpoint", required=True, help=".pth (official, SimMIM, timm) or .safetensors")
-    ap.add_argument("--out", required=True, help="output folder (must not exist)")
-    ap.add_argument("--variant", default=None, choices=sorted(swinv2.VARIANTS))
-    ap.add_argument("--img", type=int, default=256)
-    ap.add_argument("--window", type=int, default=8)
-    ap.add_argument("--pretrained_window_sizes", default="0,0,0,0")
-    ap.add_argument("--num_classes", type=int, default=None)
-    args = ap.parse_args(argv)
-    pws = [int(x) for x in args.pretrained_window_sizes.split(",")]
-    try:
-        module, params = load_swinv2(args.checkpoint, variant=args.variant, img_size=args.img,
+    out = os.path.abspath(out)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(out, params)
+    with open(os.path.join(out, MODEL_FILE), "w") as f:
+        json.dump(spec, f, indent=1)
+
+
+def load_checkpoint(path):
+    """(module, params, spec) from a training checkpoint step folder (WORKDIR/checkpoints/STEP: its parameters
+    and the config in its run info) or a params checkpoint written here (MODEL_FILE)."""
+    import json
+    import os
+
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, MODEL_FILE)):
+        with open(os.path.join(path, MODEL_FILE)) as f:
+            spec = json.load(f)
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path)
+    elif os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "run")):
+        with open(os.path.join(path, "run", "metadata")) as f:
+            config = json.load(f)["config"]
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(os.path.join(path, "state"))["params"]
+        head = params.get("head", {}).get("kernel")
+        spec = {"model_name": config.get("model_name", "vit"), "model": config["model"],
+                "image_size": config["input"]["image_size"],
+                "num_classes": 0 if head is None else int(np.shape(head)[-1])}
+    else:
+        raise CheckpointError(f"{path}: neither a training checkpoint step (with state/ and run/) nor a params "
+                              f"checkpoint written by this command (with {MODEL_FILE})")
+    model_cfg = {k: v for k, v in spec["model"].items() if k not in ("model_init",)}
+    module = models.build(spec["model_name"], model_cfg, spec["num_classes"], spec["image_size"])
+    return module, params, spec
+
+
+def _import(args):
+    from vit22b.models import vit_weights
+    path = args.checkpoint
+    sd_keys = () if path.endswith(".npz") else read_state_dict(path)
+    if any(re.search(r"layers\.\d+\.blocks\.\d+\.attn\.(logit_scale|cpb_mlp|rpe_mlp)", k) for k in sd_keys):
+        pws = [int(x) for x in args.pretrained_window_sizes.split(",")]
+        module, params = load_swinv2(path, variant=args.variant, img_size=args.img or 256,
                                      num_classes=args.num_classes, window_size=args.window,
                                      pretrained_window_sizes=pws)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
-    import os
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(args.out), params)
+        name, cfg = "swinv2", {k: getattr(module, k) for k in ("patch_size", "embed_dim", "depths", "num_heads",
+                                                                "window_size", "pretrained_window_sizes")}
+        what = (f"SwinTransformerV2 embed_dim={module.embed_dim} depths={tuple(module.depths)} "
+                f"window={module.window_size} img={module.img_size}")
+    else:
+        module, params = vit_weights.load_vit(path, img_size=args.img, num_classes=args.num_classes,
+                                              num_heads=args.num_heads)
+        name, cfg = "vit", {k: getattr(module, k) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size",
+                                                             "block", "norm", "qk_norm", "qkv_bias", "head",
+                                                             "posemb", "class_token", "pre_norm", "fc_norm")}
+        img = int(round(np.shape(params["pos_embedding"])[1] ** 0.5)) * module.patch_size
+        what = (f"ViT width={module.width} depth={module.depth} heads={module.num_heads} patch={module.patch_size} "
+                f"block={module.block} head={module.head} img={img}")
+    img = module.img_size if name == "swinv2" else img
+    save_params(args.out, params, {"model_name": name, "model": jax.tree.map(
+        lambda x: list(x) if isinstance(x, tuple) else x, cfg, is_leaf=lambda x: isinstance(x, tuple)),
+        "image_size": img, "num_classes": module.num_classes})
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"wrote {args.out}: SwinTransformerV2 embed_dim={module.embed_dim} depths={tuple(module.depths)} "
-          f"window={module.window_size} img={module.img_size} classes={module.num_classes}, {n:,} parameters")
+    print(f"wrote {args.out}: {what} classes={module.num_classes}, {n:,} parameters")
+
+
+def _export(args):
+    import json
+    module, params, spec = load_checkpoint(args.checkpoint)
+    if args.to == "params":
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+        params = jax.tree.map(lambda x: np.asarray(x).astype(dtype), params)
+        save_params(args.out, params, spec)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        print(f"wrote {args.out}: {n:,} parameters in {args.dtype}, no optimizer state")
+        return
+    if args.layout == "official" and spec["model_name"] != "swinv2":
+        raise CheckpointError("--layout=official: only a Swin V2 has an official (Microsoft) key layout")
+    sd, timm_args = to_timm(module, params) if args.layout == "timm" else (
+        swinv2_to_state_dict(module, params, args.layout), None)
+    if args.out.endswith(".pth"):
+        import torch
+        torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, args.out)
+    else:
+        from safetensors.numpy import save_file
+        save_file(sd, args.out)
+    if timm_args:
+        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+            json.dump(timm_args, f, indent=1)
+    print(f"wrote {args.out}: {len(sd)} tensors" + (
+        f"; in PyTorch: model = timm.create_model(**json.load(open({args.out.rsplit('.', 1)[0] + '.json'!r}))); "
+        f"model.load_state_dict(safetensors.torch.load_file({args.out!r}))" if timm_args else ""))
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--to", default="ours", choices=["ours", "timm", "params"],
+                    help="ours: import a PyTorch / npz file; timm: export ours to PyTorch; params: params-only export")
+    ap.add_argument("--checkpoint", required=True, help="import: .pth, .bin, .safetensors or .npz; export: a "
+                    "training checkpoint step folder (WORKDIR/checkpoints/STEP) or a folder written here")
+    ap.add_argument("--out", required=True, help="import and params: a folder (must not exist); timm: a "
+                    ".safetensors (default) or .pth file, with the timm.create_model arguments beside it as .json")
+    ap.add_argument("--variant", default=None, choices=sorted(swinv2.VARIANTS), help="Swin V2 import")
+    ap.add_argument("--img", type=int, default=None, help="image size (default: the file's; Swin V2: 256)")
+    ap.add_argument("--window", type=int, default=8, help="Swin V2 import: window size")
+    ap.add_argument("--pretrained_window_sizes", default="0,0,0,0", help="Swin V2 import")
+    ap.add_argument("--num_classes", type=int, default=None, help="import: a new head of this size (0: none)")
+    ap.add_argument("--num_heads", type=int, default=None, help="ViT import: heads, where the file cannot say")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params: stored dtype")
+    ap.add_argument("--layout", default="timm", choices=["timm", "official"],
+                    help="--to=timm of a Swin V2: timm's keys or the official Microsoft ones")
+    args = ap.parse_args(argv)
+    try:
+        (_import if args.to == "ours" else _export)(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

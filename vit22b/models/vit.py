@@ -320,6 +320,12 @@ class ViT(nn.Module):
     norm: str = "rmsnorm"
     head: str = "map"
     posemb: str = "learn"
+    # Layouts of imported models (vit22b/models/vit_weights.py): a class token also when the head is not 'token'
+    # (timm's avg-pooled models keep one; pooling skips it), a norm after the position embedding (timm's
+    # norm_pre, its `_xp` models), and the final norm after pooling instead of before (timm's fc_norm).
+    class_token: bool = False
+    pre_norm: bool = False
+    fc_norm: bool = False
     head_bias_init: float = 0.0
     scan: bool = True
     remat_policy: str = "none"
@@ -358,9 +364,12 @@ class ViT(nn.Module):
         else:
             pe = posemb_sincos_2d(h, w, d)
         x = layer_ops.add_bias(x, pe[0])
-        if self.head == "token":
+        prefix = int(self.head == "token" or self.class_token)
+        if prefix:
             cls = self.param("cls", _p(nn.initializers.zeros, (None, None, "embed")), (1, 1, d), self.param_dtype)
             x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
+        if self.pre_norm:
+            x = make_norm(self.norm, self.dtype, self.param_dtype, "pre_norm", ops=layer_ops)(x)
 
         block_cls, kw = self._block()
         if self.scan:
@@ -370,15 +379,20 @@ class ViT(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block_cls(**kw, name=f"block_{i:02d}")(x, None)
-        x = make_norm(self.norm, self.dtype, self.param_dtype, "encoder_norm", ops=layer_ops)(x)
+        if not self.fc_norm:
+            x = make_norm(self.norm, self.dtype, self.param_dtype, "encoder_norm", ops=layer_ops)(x)
 
         if self.head == "map":
             x = MAPHead(self.num_heads, self.mlp_dim, self.norm, self.dtype, self.param_dtype, layer_ops,
-                        name="map_head")(x)
+                        name="map_head")(x[:, prefix:])
         elif self.head == "gap":
-            x = x.mean(axis=1)
+            x = x[:, prefix:].mean(axis=1)
         else:
             x = x[:, 0]
+        if self.fc_norm:
+            x = make_norm(self.norm, self.dtype, self.param_dtype, "fc_norm", ops=layer_ops)(x)
+        if not self.num_classes:  # pre-logit features (a backbone, or weights loaded without their head)
+            return x.astype(jnp.float32)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
                           kernel_init=_p(nn.initializers.zeros, ("embed", "classes")),
                           bias_init=_p(nn.initializers.constant(self.head_bias_init), ("classes",)))(x)

@@ -117,10 +117,22 @@ def xla_forward_flops(model, image_shape):
     return float(cost.get("flops", 0.0))
 
 
-def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=None, pairs=0):
+class DoesNotFit(Exception):
+    """The compiled step needs more device memory than `bench`'s memory_limit (args: needed, limit in bytes)."""
+
+
+def peak_memory_bytes(compiled):
+    """What one call of a compiled program holds at its peak, by XLA's memory analysis."""
+    mem = compiled.memory_analysis()
+    return int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=None, pairs=0, memory_limit=None):
     """One result dict for `config` (see the module docstring); with `breakdown`, also where a traced step's
     time goes (vit22b/tools/breakdown.py); with `pairs`, also `paired`: that many of our steps alternated one by one
-    with calls of `partner` (which runs and times one step of another implementation, in seconds)."""
+    with calls of `partner` (which runs and times one step of another implementation, in seconds). With
+    `memory_limit` (bytes), a step whose compiled peak exceeds it raises DoesNotFit before it runs."""
     if steps < 1:
         raise ValueError(f"bench: --steps={steps}; at least one step must be timed")
     if pairs < 0 or (pairs and partner is None):
@@ -151,6 +163,8 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         t = time.perf_counter()
         compiled = step.lower(*args).compile()
         compile_s = time.perf_counter() - t
+        if memory_limit is not None and peak_memory_bytes(compiled) > memory_limit:
+            raise DoesNotFit(peak_memory_bytes(compiled), memory_limit)
 
         def once():
             nonlocal state
@@ -177,7 +191,6 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
             paired = rotate(once, partner, pairs)
         else:
             paired = alternate(once, partner, pairs) if pairs else None  # last: the partner then stays up idle
-    mem = compiled.memory_analysis()
     fwd_xla = xla_forward_flops(model, image_shape)
     fwd_analytic = analytic_forward_flops(config, model, num_classes, channels)
     step_s = float(np.median(times))
@@ -200,8 +213,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         "achieved_gflop_per_s": round(achieved, 1),
         "matmul_ceiling_gflop_per_s": {k: round(v, 1) for k, v in ceilings.items()},
         "mfu": round(achieved / ceiling, 3),
-        "peak_memory_bytes": int(mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                 - mem.alias_size_in_bytes),
+        "peak_memory_bytes": peak_memory_bytes(compiled),
     } | ({"breakdown": parts} if breakdown else {}) | ({"paired": paired} if pairs else {})
 
 
