@@ -31,6 +31,6 @@ def test_checkpoint_from_before_restores_with_identical_logits(name, impl="refer
         want = stored["init" + key]
         np.testing.assert_allclose(value, want, rtol=5e-6, atol=5e-6 * np.abs(want).max(), err_msg=key)
     shardings = jax.tree.map(lambda x: jax.sharding.make_single_device_sharding(jax.devices()[0]), init)
-    params = checkpointing.load_params(os.path.join(DATA, "pre_reference", name, "params"), init, shardings)
+    params, _ = checkpointing.load_params(os.path.join(DATA, "pre_reference", name, "params"), init, shardings)
     logits = jax.jit(model.apply)({"params": params}, stored["images"])
     np.testing.assert_allclose(logits, stored["logits"], rtol=1e-5, atol=1e-5 * np.abs(stored["logits"]).max())

@@ -10,6 +10,8 @@ from vit22b.train import loop
 from vit22b.config_args import parse_arg
 
 ALL_CONFIGS = sorted(p.stem for p in CONFIGS.glob("*.py"))
+# Configs whose tiny run is a test of its own (with more assertions), not repeated here.
+RUN_ELSEWHERE = {"simmim_swinv2_imagenet": "tests/test_simmim.py", "swinv2_finetune_imagenet": "tests/test_simmim.py"}
 
 
 def test_parse_arg_types():
@@ -35,6 +37,8 @@ BAD = [
     ({"model.parallel_linear": "ring"}, "config.model.parallel_linear: 'ring' is not one of"),
     ({"model.collective_ring": "both"}, "config.model.collective_ring: 'both' is not one of"),
     ({"model.mlp_dim": 250}, "config.model.mlp_dim: the parallel block needs mlp_dim 250 divisible by"),
+    ({"grad_accum_steps": 0}, "config.grad_accum_steps: must be a positive integer"),
+    ({"grad_accum_steps": 3}, "config.grad_accum_steps: input.batch_size 128 does not split into 3 microbatches"),
     ({"model.block": "sequential", "model.parallel_linear": "collective"},
      "config.model.parallel_linear: 'collective' applies to model.block = 'parallel' only"),
 ]
@@ -46,6 +50,15 @@ def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(config_check.ConfigError) as e:
         config_check.validate(c)
     assert message in str(e.value)
+
+
+def test_microbatches_must_split_over_the_data_devices():
+    c = override(config("vit22b_digits"), {"mesh": "data:8", "input.batch_size": 16, "grad_accum_steps": 4})
+    with pytest.raises(config_check.ConfigError, match=r"config.grad_accum_steps: microbatches of 4 \(input.batch_size "
+                       r"16 / 4\) do not split evenly over the 8 devices"):
+        config_check.validate(c, num_devices=8)
+    c.grad_accum_steps = 2
+    config_check.validate(c, num_devices=8)
 
 
 def test_unknown_keys_are_rejected():
@@ -106,14 +119,15 @@ def test_jft_config_is_the_paper_recipe():
     assert config_check.validate(config("vit22b_jft", arg="variant=B/16,batch=4096"))["width"] == 768
 
 
-@pytest.mark.parametrize("name", ALL_CONFIGS)
+@pytest.mark.parametrize("name", sorted(set(ALL_CONFIGS) - set(RUN_ELSEWHERE)))
 def test_every_config_runs_at_a_tiny_size(name, tmp_path):
     # Every step logged: one compiled step (the loop compiles a second, norm-free one for steps between logs).
     c = config(name, "runlocal", total_steps=6, log_every=1, eval_every=6, checkpoint_every=6)
     if c.model_name == "vit":
         c.model.update(width=16, depth=1, mlp_dim=32, num_heads=2)
     else:
-        c.model.update(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+        stages = len(c.model.depths or (1, 1, 1, 1))
+        c.model.update(embed_dim=16, depths=(1,) * stages, num_heads=(1, 1, 2, 2)[:stages])
     c.input.batch_size = 8
     if c.input.data == "fashion_mnist":  # converted from (small, generated) IDX files by the real tool
         fake_fashion_mnist(tmp_path / "data")
@@ -121,6 +135,16 @@ def test_every_config_runs_at_a_tiny_size(name, tmp_path):
     c.schedule.warmup_steps = min(c.schedule.warmup_steps, 2)
     if "cooldown_steps" in c.schedule:
         c.schedule.cooldown_steps = min(c.schedule.cooldown_steps, 2)
+    if "boundaries" in c.schedule:
+        c.schedule.boundaries = (5,)
     out = loop.run(c, str(tmp_path))
-    assert out["step"] == 6 and 0.0 <= out["eval/accuracy"] <= 1.0
+    if c.get("simmim"):  # masked-image modelling: a reconstruction loss and its picture, no accuracy
+        assert out["step"] == 6 and 0.0 < out["eval/loss"] and (tmp_path / "images").is_dir()
+    else:
+        assert out["step"] == 6 and 0.0 <= out["eval/accuracy"] <= 1.0
     assert (tmp_path / "checkpoints" / "6").is_dir()
+
+
+def test_configs_run_elsewhere_are_run_there():
+    for name, test_file in RUN_ELSEWHERE.items():
+        assert name in ALL_CONFIGS and f'"{name}"' in (CONFIGS.parent / test_file).read_text(), name

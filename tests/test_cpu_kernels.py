@@ -374,9 +374,9 @@ def compare_impls(cases, devices):
 
 def test_cpu_impl_equals_reference_on_one_device():
     """Logits and the gradients of every parameter and of the images, impl='cpu' against the reference: every
-    model in bf16, and in float32 the ViT-22B design without rings (the 2x2x2 test below has the others in
-    float32, trimmed here for time)."""
-    cases = [f"{name}|bfloat16|data:1|" for name in WHOLE_MODELS] + ["vit22b_design|float32|data:1|"]
+    model in bf16 (the 2x2x2 test below has them in float32; the ViT-22B design without rings in float32 on one
+    device was left out for time)."""
+    cases = [f"{name}|bfloat16|data:1|" for name in WHOLE_MODELS]
     errors = compare_impls(cases, devices=1)
     assert all(e <= TOLERANCE[c.split("|")[1]] for c, e in errors.items()), errors
 

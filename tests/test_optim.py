@@ -127,3 +127,63 @@ def test_losses_and_label_smoothing():
     expected = -(np.log(jax.nn.sigmoid(2.0)) + np.log(1 - jax.nn.sigmoid(0.0)) + np.log(jax.nn.sigmoid(-1.0)))
     np.testing.assert_allclose(sig, expected, rtol=1e-5)
     assert bool(losses.top1_correct(logits, multi)[0]) and not bool(losses.top1_correct(logits, jnp.array([1]))[0])
+
+
+def _ids_as_state_dict(model_name, cfg, image_size, to_state_dict):
+    """Our layer ids, each broadcast over its parameter, written out under the official / timm names (the ids are
+    constant per tensor, so the converters' transposes keep them)."""
+    import flax.linen as nn
+
+    from vit22b import models
+    module = models.build(model_name, cfg, 1000, image_size)
+    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 3))))
+    ids, n = optim.layer_ids(shapes["params"], model_name)
+    tree = jax.tree.map(lambda i, s: np.broadcast_to(np.asarray(i, np.float32), s.shape), ids, shapes["params"])
+    return to_state_dict(module, tree), n
+
+
+def test_layer_decay_groups_swinv2_tiny_as_the_official_code():
+    """Against the official get_swin_layer on the official parameter names (SimMIM's fine-tuning grouping)."""
+    from vit22b.models import convert
+    depths = (2, 2, 6, 2)
+    sd, n = _ids_as_state_dict("swinv2", {"variant": "T"}, 256,
+                               lambda m, p: convert.swinv2_to_state_dict(m, p, "official"))
+
+    def get_swin_layer(name):  # the official rule, written from its description
+        if name.startswith("patch_embed"):
+            return 0
+        if name.startswith("layers"):
+            stage, part = int(name.split(".")[1]), name.split(".")[3]
+            if part in ("reduction", "norm"):
+                return sum(depths[:stage + 1])
+            return sum(depths[:stage]) + int(part) + 1
+        return sum(depths) + 1
+
+    assert n == 12 and len(sd) > 100
+    for name, value in sd.items():
+        assert np.all(value == get_swin_layer(name)), name
+
+
+def test_layer_decay_groups_vit_b16_as_beit_and_scales_the_updates():
+    from vit22b.models import vit_weights
+    sd, n = _ids_as_state_dict("vit", {"variant": "B/16", "block": "sequential", "qkv_bias": True, "norm": "layernorm",
+                                       "head": "token", "qk_norm": False}, 224, vit_weights.to_timm)
+    sd = sd[0]
+
+    def beit_layer(name):  # BEiT's get_num_layer_for_vit
+        if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks"):
+            return int(name.split(".")[1]) + 1
+        return 13
+
+    assert n == 12
+    for name, value in sd.items():
+        assert np.all(value == beit_layer(name)), name
+    # decay^(n + 1 - layer) times the update, once: block 11 at 0.75, the head at 1, the embedding at 0.75^13
+    params = {"embedding": {"kernel": jnp.ones((2,))}, "blocks": {"w": jnp.ones((12, 2))}, "head": {"kernel": jnp.ones(2)}}
+    tx = optim.scale_by_layer_decay(0.75, params, "vit")
+    updates, _ = tx.update(params, tx.init(params))
+    np.testing.assert_allclose(updates["blocks"]["w"][:, 0], 0.75 ** (12 - np.arange(12)), rtol=1e-6)
+    np.testing.assert_allclose([updates["head"]["kernel"][0], updates["embedding"]["kernel"][0]], [1, 0.75 ** 13],
+                               rtol=1e-6)

@@ -220,7 +220,7 @@ def test_convert_command_and_model_init(tmp_path, capsys):
     mesh = sharding.make_mesh()
     model = loop.build_model(c, 10)
     state, shardings, _, _ = loop.create_train_state(model, c, mesh, (32, 32, 1))
-    loaded = checkpointing.load_params(str(out), state["params"], shardings["params"])
+    loaded, _ = checkpointing.load_params(str(out), state["params"], shardings["params"])
     _, expected = convert.load_swinv2(tmp_path / "digits_swin.pth", img_size=32, window_size=4)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, expected))
     c.model.embed_dim = 48  # a model the checkpoint does not fit: the error names the parameter

@@ -66,7 +66,7 @@ def test_vit22b_design_compiles_for_a_tpu_topology(tmp_path):
 
 
 def test_vit_and_pallas_attention_on_tpu_meshes():
-    fsdp, xla, deep_scanned, deep_unrolled, pallas, classic = plans(
+    fsdp, xla, deep_scanned, deep_unrolled, pallas = plans(
         ("vit22b_jft", {"mesh": "fsdp:2,model:2", "model.scan": False}),
         ("vit22b_jft", {"mesh": "data:2,model:2", "model.parallel_linear": "xla", "model.scan": False}),
         ("vit22b_jft", {"mesh": "data:4", "model.depth": 3}),
@@ -74,9 +74,7 @@ def test_vit_and_pallas_attention_on_tpu_meshes():
         # 32 px in patches of 2: 256 tokens, which the Pallas TPU flash kernel takes.
         ("vit22b_jft", {"mesh": "data:2,model:2", "input.image_size": 32, "model.attention_impl": "pallas",
                         "model.scan": False}),
-        ("vit_imagenet", {"mesh": "fsdp:2,model:2", "model.scan": False}),  # the classic ViT
     )
-    check_plan(classic, {"data": 1, "fsdp": 2, "model": 2})
     check_plan(fsdp, {"data": 1, "fsdp": 2, "model": 2})
     # fsdp gathers the parameters and reduce-scatters their gradients (libtpu's all-reduce-scatter fusions).
     assert fsdp["collectives"]["collective-permute"] >= 4 and fsdp["collectives"]["all-gather"] > 0

@@ -60,11 +60,12 @@ def test_timm_vits_load_with_timm_logits(name, img, tmp_path):
     """Classic ViTs (another resolution too), timm's ViT-22B-style parallel-block model, and a model loaded at
     another image size than saved (against timm's own resampling of the same file: bicubic, antialiased)."""
     torch.manual_seed(0)
-    depth = {"vit_base_patch16_xp_224": 4}.get(name, None)  # the parallel layout is per block: 4 of 12 suffice
-    source = perturb_(timm.create_model(name, pretrained=False, **({"depth": depth} if depth else {})))
+    # The layouts are per block: 4 of 12 blocks suffice, except for the classic B/16, whole.
+    kw = {} if name == "vit_base_patch16_224" else {"depth": 4}
+    source = perturb_(timm.create_model(name, pretrained=False, **kw))
     reference = source
     if img:
-        reference = timm.create_model(name, pretrained=False, img_size=img).eval()
+        reference = timm.create_model(name, pretrained=False, img_size=img, **kw).eval()
         reference.load_state_dict(checkpoint_filter_fn(source.state_dict(), reference))
     size = img or source.patch_embed.img_size[0]
     x = torch.randn(2, 3, size, size)
@@ -203,11 +204,13 @@ def big_vision_npz(sd, depth, heads, pre_linen=False, scanned=False):
 @pytest.mark.parametrize("layout", ["big_vision_map_scanned", "vision_transformer_token"])
 def test_big_vision_npz_loads_with_the_same_logits(layout, tmp_path):
     torch.manual_seed(2)
+    # The reference: timm with the tanh GELU of big_vision and vision_transformer.
     if layout == "big_vision_map_scanned":  # big_vision: position embedding without a class slot, MAP head
         source = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, class_token=False,
-                                   global_pool="map", no_embed_class=True, num_classes=10)
+                                   global_pool="map", no_embed_class=True, num_classes=10, act_layer="gelu_tanh")
     else:
-        source = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, num_classes=10)
+        source = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, num_classes=10,
+                                   act_layer="gelu_tanh")
     perturb_(source)
     npz = big_vision_npz(source.state_dict(), 3, 3, pre_linen=layout.startswith("vision_transformer"),
                          scanned=layout.endswith("scanned"))
@@ -215,7 +218,14 @@ def test_big_vision_npz_loads_with_the_same_logits(layout, tmp_path):
     module, params = vit_weights.load_vit(tmp_path / "m.npz")
     x = torch.randn(2, 3, 224, 224)
     assert np.abs(logits_of(module, params, x) - timm_logits(source, x)).max() < 1e-4
-    assert module.head == ("map" if "map" in layout else "token")
+    assert module.head == ("map" if "map" in layout else "token") and module.gelu == "tanh"
+    # big_vision's pre_logits layer (before the head it was trained with) goes only with a new head.
+    npz["params/pre_logits/kernel"], npz["params/pre_logits/bias"] = np.eye(192, dtype=np.float32), np.zeros(192)
+    np.savez(tmp_path / "rep.npz", **npz)
+    with pytest.raises(vit_weights.CheckpointError, match="pre_logits .* pass num_classes for a new head"):
+        vit_weights.load_vit(tmp_path / "rep.npz")
+    _, fresh = vit_weights.load_vit(tmp_path / "rep.npz", num_classes=10)
+    assert not np.any(fresh["head"]["kernel"])
 
 
 @pytest.mark.parametrize("new", [7, 3])
@@ -226,6 +236,25 @@ def test_resampling_as_big_vision_is_scipy_zoom_of_order_one(new):
     ours = vit_weights.resample_posemb(pe, new, "big_vision").reshape(new, new, 3)
     theirs = scipy_ndimage.zoom(pe.reshape(5, 5, 3), (new / 5, new / 5, 1), order=1)
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_fused_out_projection_and_a_class_token_with_average_pooling(tmp_path):
+    """timm's fuse_out_proj parallel block, and a class token beside global_pool='avg' without fc_norm (which the
+    file cannot tell from a token head: head='gap' says so)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
+    torch.manual_seed(4)
+    fused = perturb_(VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5,
+                                       block_fn=partial(ParallelScalingBlock, fuse_out_proj=True),
+                                       qkv_bias=False, qk_norm=True, no_embed_class=True))
+    averaged = perturb_(timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
+                                          global_pool="avg", fc_norm=False, num_classes=5))
+    x = torch.randn(2, 3, 32, 32)
+    for name, model, kw in (("fused", fused, {}), ("averaged", averaged, {"head": "gap"})):
+        module, params = vit_weights.load_vit(save(model, tmp_path / f"{name}.safetensors"), **kw)
+        assert np.abs(logits_of(module, params, x) - timm_logits(model, x)).max() < 1e-4, name
+    assert module.head == "gap" and module.class_token
 
 
 def test_bad_files_name_the_problem(tmp_path):
@@ -259,13 +288,16 @@ def test_training_checkpoint_exports_to_params_and_to_timm(tmp_path, capsys):
     module, trained, _ = convert.load_checkpoint(str(step))
     model = loop.build_model(c, 10)
     state, shardings, _, _ = loop.create_train_state(model, c, sharding.make_mesh(), (8, 8, 1))
-    loaded = checkpointing.load_params(str(tmp_path / "p"), state["params"], shardings["params"])
+    loaded, _ = checkpointing.load_params(str(tmp_path / "p"), state["params"], shardings["params"])
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32), trained)
     assert all(np.array_equal(np.asarray(a, np.float32), b)
                for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(rounded)))
 
     c.model_init, c.total_steps = str(tmp_path / "p"), 1  # a run starts from the bf16 export
     assert loop.run(c, str(tmp_path / "from_export"))["step"] == 1
+    c.model.head = "gap"  # the same parameters pooled otherwise: named before anything is compared
+    with pytest.raises(ValueError, match="config.model_init: the checkpoint's model.head is 'map', this run's 'gap'"):
+        loop.run(c, str(tmp_path / "pooled_otherwise"))
 
     convert.main(["--to=timm", f"--checkpoint={tmp_path / 'p'}", f"--out={tmp_path / 'vit.safetensors'}"])
     assert "timm.create_model" in capsys.readouterr().out

@@ -42,6 +42,9 @@ def base():
     c.wd = 1e-4
     c.wd_mults = [(".*kernel", 1.0)]
     c.grad_clip_norm = 1.0
+    # >1: each step's gradient summed over this many microbatches of input.batch_size / grad_accum_steps (the same
+    # update as the whole batch, in less activation memory).
+    c.grad_accum_steps = 1
     return c
 
 

@@ -12,13 +12,14 @@ TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "model_name", "model", "input", "loss", "label_smoothing",
     "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule", "model_init",
-    "mesh", "sharding_rules", "optimizer_sharding", "allow_config_change",
+    "mesh", "sharding_rules", "optimizer_sharding", "allow_config_change", "grad_accum_steps", "layer_decay",
+    "simmim", "evals",
 }
 INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
               "num_threads", "prefetch", "num_workers", "pp_train", "pp_eval", "mixup", "on_bad_record"}
 MIXUP_KEYS = {"mixup_alpha", "cutmix_alpha", "prob", "switch_prob"}
 POSITIVE_INTS = ("total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                 "input.batch_size", "input.eval_batch_size", "input.image_size")
+                 "grad_accum_steps", "input.batch_size", "input.eval_batch_size", "input.image_size")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,8 @@ def validate(config, num_devices=None):
     ls = config.get("label_smoothing", 0.0)
     _check(0.0 <= ls < 1.0, "label_smoothing", f"must be in [0, 1), got {ls}")
     _check(config.lr > 0, "lr", f"must be positive, got {config.lr}")
+    decay = config.get("layer_decay") or 0.0
+    _check(0.0 <= decay <= 1.0, "layer_decay", f"must be in (0, 1] (0: off), got {decay}")
     _check(config.get("optimizer_sharding", "replicated") in ("replicated", "zero1"), "optimizer_sharding",
            f"expected 'replicated' or 'zero1', got {config.get('optimizer_sharding')!r}")
     try:
@@ -87,6 +90,10 @@ def validate(config, num_devices=None):
     n = mesh["data"] * mesh["fsdp"]
     _check(config.input.batch_size % n == 0, "input.batch_size",
            f"{config.input.batch_size} is not divisible by the {n} devices of the data and fsdp axes")
+    accum, batch = config.get("grad_accum_steps", 1), config.input.batch_size
+    _check(batch % accum == 0, "grad_accum_steps", f"input.batch_size {batch} does not split into {accum} microbatches")
+    _check(batch // accum % n == 0, "grad_accum_steps", f"microbatches of {batch // accum} (input.batch_size {batch} "
+           f"/ {accum}) do not split evenly over the {n} devices of the data and fsdp axes")
     try:  # both raise ValueErrors that start with the field name
         optim.base_optimizer(config.optimizer, dict(config.get("optimizer_kw", {})))
         optim.make_schedule(config.schedule, config.total_steps)
@@ -104,6 +111,18 @@ def validate(config, num_devices=None):
                             image_size=config.input.image_size)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+    for i, spec in enumerate(config.get("evals") or ()):
+        from vit22b.train import evaluators
+        try:
+            evaluators.options(spec)
+        except ValueError as e:
+            raise ConfigError(f"config.evals[{i}].{e}") from None
+    if config.get("simmim"):
+        from vit22b.train import tasks
+        try:
+            tasks.check(config)
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from None
     if kw.get("parallel_linear") == "collective":  # whole heads per device (and so whole feature chunks)
         _check(kw["num_heads"] % mesh["model"] == 0, "model.num_heads",
                f"{kw['num_heads']} heads cannot be split over the {mesh['model']} devices of the model axis "

@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import math
 import os
+import re
 from pathlib import Path
 
 import grain
@@ -32,6 +33,49 @@ USER_DEFS = Path("data")  # relative to the working directory: a clone's data/ f
 
 class DatasetNotFoundError(FileNotFoundError):
     pass
+
+
+class SliceSource:
+    """Records [start, stop) of another source, for split slices such as 'train[:10%]' (see `load_split`)."""
+
+    def __init__(self, source, start, stop):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.source[self.start + i]
+
+    def read_many(self, indices):
+        return read_many(self.source, [self.start + int(i) for i in indices])
+
+
+def load_split(module, split, data_dir=None):
+    """module.load(split), where `split` may be a slice written as TFDS writes them: 'train[:6000]', 'train[:10%]',
+    'train[90%:]' (percent bounds rounded to the closest record, as TFDS does). Every dataset slices the same way:
+    the records of the whole split, in its stored order."""
+    m = re.fullmatch(r"([\w-]+)\[(-?\d*%?):(-?\d*%?)\]", split.strip())
+    if m is None:
+        if "[" in split:
+            raise ValueError(f"input.split: {split!r} is not a split or a slice such as 'train[:10%]' or "
+                             f"'train[1000:2000]'")
+        return module.load(split, data_dir)
+    source = module.load(m.group(1), data_dir)
+    n = len(source)
+
+    def bound(text, default):
+        if not text:
+            return default
+        value = round(n * int(text[:-1]) / 100) if text.endswith("%") else int(text)
+        return min(max(value + n if value < 0 else value, 0), n)
+
+    start, stop = bound(m.group(2), 0), bound(m.group(3), n)
+    if stop <= start:
+        raise ValueError(f"input.split: {split!r} selects no records of the {n} in {m.group(1)!r}")
+    return SliceSource(source, start, stop)
 
 
 class ArraySource:

@@ -1,6 +1,7 @@
 """Models: the ViT family with every ViT-22B change as a switch (vit.py), Swin Transformer V2 (swinv2.py), the
 reference layers they are built from (layers.py), the one attention entry point with its fused kernels
-(attention.py), the opt-in XLA:CPU kernels (cpu/), and weight converters from PyTorch checkpoints (convert.py).
+(attention.py), the opt-in XLA:CPU kernels (cpu/), SimMIM's masked-image modelling around either family
+(simmim.py), and weights both ways with PyTorch and big_vision (convert.py, vit_weights.py, checkpoint_files.py).
 
 This module is the registry: `config.model_name` picks a family, `config.model` holds its settings.
 
@@ -65,8 +66,10 @@ def _vit(cfg, num_classes, image_size):
         cfg.pop(key, None)
     kw = dict(num_classes=num_classes, **shape, **_common(cfg, vit.ViT, "vit"))
     for key, choices in (("block", vit.BLOCKS), ("norm", vit.NORMS), ("head", vit.HEADS), ("posemb", vit.POSEMBS),
-                         ("parallel_linear", vit.PARALLEL_LINEAR), ("collective_ring", vit.COLLECTIVE_RINGS)):
+                         ("parallel_linear", vit.PARALLEL_LINEAR), ("collective_ring", vit.COLLECTIVE_RINGS),
+                         ("gelu", tuple(layers.GELUS))):
         _check(kw.get(key, getattr(vit.ViT, key)) in choices, f"model.{key}", f"{kw.get(key)!r} is not one of {choices}")
+    layers.ops(kw.get("impl", "reference"), kw.get("attention_impl", "auto"), kw.get("gelu", "exact"))  # model.gelu
     for key in VIT_SHAPE_KEYS:
         _check(isinstance(kw[key], int) and kw[key] > 0, f"model.{key}", f"must be a positive integer, got {kw[key]!r}")
     _check(kw["width"] % kw["num_heads"] == 0, "model.width",

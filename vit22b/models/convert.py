@@ -26,40 +26,11 @@ import numpy as np
 
 from vit22b import models
 from vit22b.models import swinv2
+from vit22b.models.checkpoint_files import (MODEL_FILE, CheckpointError, abstract_params, flax_weight,
+                                             read_state_dict, torch_weight)
 
 # Derived buffers: recomputed from the window sizes, so a checkpoint loads at any window or resolution.
 BUFFERS = ("relative_coords_table", "relative_position_index", "attn_mask", "k_bias")
-
-
-from vit22b.models.vit_weights import CheckpointError  # noqa: E402  one error type for both families
-
-
-def read_state_dict(path):
-    """{name: float32 numpy array} from a .safetensors file or a torch checkpoint (weights only)."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        sd = load_file(path)
-    else:
-        import pickle
-
-        import torch
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(
-                f"{path}: refused to load: the file needs code beyond plain tensors to unpickle, which could run "
-                f"anything. Convert it to safetensors in a sandbox you trust. ({str(e).splitlines()[0]})") from None
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no such file") from None
-        except Exception as e:  # noqa: BLE001 - truncated or foreign files fail in many ways inside torch
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format): "
-                                  f"{' '.join(str(e).split())[:200]}") from None
-        for key in ("model", "state_dict"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-        sd = {k: v.detach().float().numpy() for k, v in sd.items() if hasattr(v, "detach")}
-    return {k: np.asarray(v, np.float32) for k, v in sd.items()}
 
 
 def to_official_keys(sd):
@@ -97,11 +68,7 @@ def flax_path(key):
 
 def _to_flax_array(name, value):
     if name == "weight":
-        if value.ndim == 4:
-            return "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        if value.ndim == 2:
-            return "kernel", value.T
-        return "scale", value  # LayerNorm
+        return ("kernel", torch_weight(value)) if value.ndim in (2, 4) else ("scale", value)  # else LayerNorm
     return name, value
 
 
@@ -169,16 +136,12 @@ def _check_is_swinv2(sd, path):
     raise CheckpointError(f"{path}: this file holds {what}, not a Swin V2")
 
 
-def abstract_params(module, img_size, channels=3):
-    boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, img_size, img_size, channels))))
-    return nn.meta.unbox(boxed["params"])
-
-
-def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, **model_kw):
+def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, state_dict=None, **model_kw):
     """One call from a checkpoint file to a ready `(module, params)`; `module.apply({'params': params},
     images_nhwc)` gives logits. Settings not given (embed_dim, depths, heads, classes) come from the file;
-    window_size and pretrained_window_sizes may differ from the checkpoint's (log-spaced CPB transfers)."""
-    sd, _ = to_official_keys(read_state_dict(path))
+    window_size and pretrained_window_sizes may differ from the checkpoint's (log-spaced CPB transfers).
+    `state_dict`: the file's contents, already read."""
+    sd, _ = to_official_keys(read_state_dict(path) if state_dict is None else state_dict)
     _check_is_swinv2(sd, path)
     cfg = dict(model_kw)
     if variant is None and "embed_dim" not in cfg:
@@ -229,7 +192,7 @@ def swinv2_to_state_dict(module, params, layout="timm"):
             rest = [re.sub(r"^cpb_mlp_(\d+)$", r"cpb_mlp.\1", r) for r in rest]
             name = rest[-1]
             if name == "kernel":
-                name, v = "weight", (v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T)
+                name, v = "weight", flax_weight(v)
             elif name == "scale":
                 name = "weight"
             sd[".".join([key] + rest[:-1] + [name])] = np.ascontiguousarray(v)
@@ -253,9 +216,6 @@ def to_timm(module, params):
     return vit_weights.to_timm(module, params)
 
 
-MODEL_FILE = "vit22b_model.json"  # beside the arrays of a params checkpoint: what model they belong to
-
-
 def save_params(out, params, spec):
     """An Orbax params checkpoint (what config.model_init reads) plus MODEL_FILE: model_name, model settings,
     image_size, num_classes."""
@@ -272,7 +232,8 @@ def save_params(out, params, spec):
 
 def load_checkpoint(path):
     """(module, params, spec) from a training checkpoint step folder (WORKDIR/checkpoints/STEP: its parameters
-    and the config in its run info) or a params checkpoint written here (MODEL_FILE)."""
+    alone, without the optimizer state, and the model of the config in its run info) or a params checkpoint
+    written here (MODEL_FILE)."""
     import json
     import os
 
@@ -284,18 +245,23 @@ def load_checkpoint(path):
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path)
     elif os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "run")):
-        with open(os.path.join(path, "run", "metadata")) as f:
-            config = json.load(f)["config"]
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.join(path, "state"))["params"]
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+            config = ckptr.restore(os.path.join(path, "run"))["config"]
+        with ocp.PyTreeCheckpointer() as ckptr:
+            stored = ckptr.metadata(os.path.join(path, "state"))
+            stored = getattr(stored, "item_metadata", stored)
+            # Only the parameters: restoring the optimizer state too would need its memory (Adam: twice more).
+            want = {"params": jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), stored["params"])}
+            params = ckptr.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
+                item=want, restore_args=want, partial_restore=True))["params"]
         head = params.get("head", {}).get("kernel")
         spec = {"model_name": config.get("model_name", "vit"), "model": config["model"],
                 "image_size": config["input"]["image_size"],
-                "num_classes": 0 if head is None else int(np.shape(head)[-1])}
+                "num_classes": 0 if head is None else int(np.shape(head)[-1]), "run_config": config}
     else:
         raise CheckpointError(f"{path}: neither a training checkpoint step (with state/ and run/) nor a params "
                               f"checkpoint written by this command (with {MODEL_FILE})")
-    model_cfg = {k: v for k, v in spec["model"].items() if k not in ("model_init",)}
+    model_cfg = {k: v for k, v in spec["model"].items() if k != "model_init"}
     module = models.build(spec["model_name"], model_cfg, spec["num_classes"], spec["image_size"])
     return module, params, spec
 
@@ -303,35 +269,36 @@ def load_checkpoint(path):
 def _import(args):
     from vit22b.models import vit_weights
     path = args.checkpoint
-    sd_keys = () if path.endswith(".npz") else read_state_dict(path)
-    if any(re.search(r"layers\.\d+\.blocks\.\d+\.attn\.(logit_scale|cpb_mlp|rpe_mlp)", k) for k in sd_keys):
+    sd = None if path.endswith(".npz") else read_state_dict(path)  # read once, handed to the loader
+    if sd is not None and any(re.search(r"(^|\.)layers\.\d+\.blocks\.\d+\.", k) for k in sd):
         pws = [int(x) for x in args.pretrained_window_sizes.split(",")]
         module, params = load_swinv2(path, variant=args.variant, img_size=args.img or 256,
                                      num_classes=args.num_classes, window_size=args.window,
-                                     pretrained_window_sizes=pws)
-        name, cfg = "swinv2", {k: getattr(module, k) for k in ("patch_size", "embed_dim", "depths", "num_heads",
-                                                                "window_size", "pretrained_window_sizes")}
+                                     pretrained_window_sizes=pws, state_dict=sd)
+        name, img = "swinv2", module.img_size
+        settings = {k: getattr(module, k) for k in ("patch_size", "embed_dim", "depths", "num_heads", "window_size",
+                                                     "pretrained_window_sizes")}
         what = (f"SwinTransformerV2 embed_dim={module.embed_dim} depths={tuple(module.depths)} "
-                f"window={module.window_size} img={module.img_size}")
+                f"window={module.window_size} img={img}")
     else:
+        model_kw = {"gelu": args.gelu} if args.gelu else {}
         module, params = vit_weights.load_vit(path, img_size=args.img, num_classes=args.num_classes,
-                                              num_heads=args.num_heads)
-        name, cfg = "vit", {k: getattr(module, k) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size",
-                                                             "block", "norm", "qk_norm", "qkv_bias", "head",
-                                                             "posemb", "class_token", "pre_norm", "fc_norm")}
-        img = int(round(np.shape(params["pos_embedding"])[1] ** 0.5)) * module.patch_size
+                                              num_heads=args.num_heads, head=args.head, resample=args.resample,
+                                              state_dict=sd, **model_kw)
+        name, img = "vit", vit_weights.image_size(module, params)
+        settings = {k: getattr(module, k) for k in vit_weights.SETTINGS}
         what = (f"ViT width={module.width} depth={module.depth} heads={module.num_heads} patch={module.patch_size} "
-                f"block={module.block} head={module.head} img={img}")
-    img = module.img_size if name == "swinv2" else img
-    save_params(args.out, params, {"model_name": name, "model": jax.tree.map(
-        lambda x: list(x) if isinstance(x, tuple) else x, cfg, is_leaf=lambda x: isinstance(x, tuple)),
-        "image_size": img, "num_classes": module.num_classes})
+                f"block={module.block} head={module.head} gelu={module.gelu} img={img}")
+    settings = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+    save_params(args.out, params, {"model_name": name, "model": settings, "image_size": img,
+                                   "num_classes": module.num_classes})
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"wrote {args.out}: {what} classes={module.num_classes}, {n:,} parameters")
 
 
 def _export(args):
     import json
+    import os
     module, params, spec = load_checkpoint(args.checkpoint)
     if args.to == "params":
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -350,12 +317,16 @@ def _export(args):
     else:
         from safetensors.numpy import save_file
         save_file(sd, args.out)
+    hint = ""
     if timm_args:
-        with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+        args_file = os.path.splitext(args.out)[0] + ".json"
+        with open(args_file, "w") as f:
             json.dump(timm_args, f, indent=1)
-    print(f"wrote {args.out}: {len(sd)} tensors" + (
-        f"; in PyTorch: model = timm.create_model(**json.load(open({args.out.rsplit('.', 1)[0] + '.json'!r}))); "
-        f"model.load_state_dict(safetensors.torch.load_file({args.out!r}))" if timm_args else ""))
+        load = (f"torch.load({args.out!r})" if args.out.endswith(".pth")
+                else f"safetensors.torch.load_file({args.out!r})")
+        hint = (f"; in PyTorch: model = timm.create_model(**json.load(open({args_file!r}))); "
+                f"model.load_state_dict({load})")
+    print(f"wrote {args.out}: {len(sd)} tensors{hint}")
 
 
 def main(argv=None):
@@ -373,6 +344,12 @@ def main(argv=None):
     ap.add_argument("--pretrained_window_sizes", default="0,0,0,0", help="Swin V2 import")
     ap.add_argument("--num_classes", type=int, default=None, help="import: a new head of this size (0: none)")
     ap.add_argument("--num_heads", type=int, default=None, help="ViT import: heads, where the file cannot say")
+    ap.add_argument("--head", default=None, choices=["token", "gap", "map"],
+                    help="ViT import: the pooling, where the file's guess (class token: 'token') is wrong")
+    ap.add_argument("--resample", default=None, help="ViT import: position-embedding resampling (bicubic, "
+                    "bilinear, big_vision; default: as the file's codebase does)")
+    ap.add_argument("--gelu", default=None, choices=["exact", "tanh"],
+                    help="ViT import: GELU (default: exact, tanh for .npz files as big_vision)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="params: stored dtype")
     ap.add_argument("--layout", default="timm", choices=["timm", "official"],
                     help="--to=timm of a Swin V2: timm's keys or the official Microsoft ones")

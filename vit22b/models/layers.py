@@ -35,8 +35,13 @@ def add_bias(x, b):
 
 
 def gelu(x):
-    """Exact GELU, as timm, big_vision and the official Swin code use it."""
+    """Exact GELU, as timm and the official Swin code use it."""
     return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+    """GELU's tanh approximation (flax.linen.gelu), as big_vision and vision_transformer use it."""
+    return jax.nn.gelu(x, approximate=True)
 
 
 def normalize(x, p, kind, dtype, axis_name=None, features=None, eps=1e-6):
@@ -89,15 +94,22 @@ class Ops:
 IMPLS = ("reference", "cpu")
 
 
+GELUS = {"exact": gelu, "tanh": gelu_tanh}
+
+
 @functools.lru_cache(maxsize=None)
-def ops(impl="reference", attention_impl="auto"):
+def ops(impl="reference", attention_impl="auto", gelu="exact"):
     """The Ops of `impl`: 'reference', or 'cpu' for all the XLA:CPU kernels of vit22b/models/cpu/ ('cpu:a,b' for
     only those named: measurements). Attention goes through `attention.attention` with `attention_impl`; the
-    CPU attention kernel, where chosen, is used when attention_impl is 'auto'."""
+    CPU attention kernel, where chosen, is used when attention_impl is 'auto'. `gelu`: a key of GELUS."""
     if impl == "reference":
-        return Ops(attention=functools.partial(attention_lib.attention, impl=attention_impl))
+        return Ops(attention=functools.partial(attention_lib.attention, impl=attention_impl), gelu=GELUS[gelu])
     from vit22b.models import cpu  # only on request: nothing under cpu/ is traced by the reference program
     overrides = cpu.kernels(impl)
+    if gelu != "exact" and "gelu" in overrides:
+        raise ValueError(f"model.gelu: {gelu!r} has no XLA:CPU kernel; use model.impl='reference' or leave the "
+                         f"gelu kernel out (e.g. 'cpu:-gelu')")
+    overrides.setdefault("gelu", GELUS[gelu])
     if "attention" in overrides and attention_impl == "auto":
         attention_impl = "cpu"
     overrides.pop("attention", None)

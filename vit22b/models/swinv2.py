@@ -309,7 +309,9 @@ class SwinTransformerV2(nn.Module):
         return [r // 2 ** i for i in range(len(self.depths))]
 
     @nn.compact
-    def __call__(self, images, *, train=False, return_features=False):
+    def __call__(self, images, *, train=False, return_features=False, mask=None, return_map=False):
+        """mask: [B, H/p, W/p], 1 where SimMIM's mask token replaces the patch token (vit22b/models/simmim.py);
+        return_map: the final normed feature map [B, H/32, W/32, 8E] instead of pooled logits."""
         if images.shape[1] != self.img_size or images.shape[2] != self.img_size:
             raise ValueError(f"SwinTransformerV2 built for {self.img_size} px, got images {images.shape[1:3]}")
         p, layer_ops = self.patch_size, ops(self.impl, self.attention_impl)
@@ -321,6 +323,11 @@ class SwinTransformerV2(nn.Module):
                        bias_init=_p(lambda k, s, d=jnp.float32: torch_default_uniform(k, s, d, fan_in), ("embed",)),
                        )(images.astype(self.dtype))
         x = layer_norm("patch_embed_norm", self.dtype, self.param_dtype, layer_ops)(x)
+        if mask is not None:  # after the patch norm, as the official SwinTransformerV2ForSimMIM
+            token = self.param("mask_token", _p(dense_init, (None, None, None, "embed")), (1, 1, 1, self.embed_dim),
+                               self.param_dtype)
+            w = mask.astype(x.dtype)[..., None]
+            x = x * (1 - w) + token.astype(x.dtype) * w
 
         total = sum(self.depths)
         rates = np.linspace(0.0, self.drop_path_rate, total) if total else np.zeros(0)
@@ -354,6 +361,8 @@ class SwinTransformerV2(nn.Module):
         x = layer_norm("norm", self.dtype, self.param_dtype, layer_ops)(x)
         if return_features:  # per-stage maps (strides 4, 8, 16, 32) for dense prediction, plus the final norm
             return features[:-1] + [x]
+        if return_map:
+            return x
         x = x.mean(axis=(1, 2))
         if self.num_classes:
             x = linear(self.num_classes, "head", self.dtype, self.param_dtype, layer_ops,

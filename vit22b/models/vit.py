@@ -326,6 +326,7 @@ class ViT(nn.Module):
     class_token: bool = False
     pre_norm: bool = False
     fc_norm: bool = False
+    gelu: str = "exact"  # or "tanh": big_vision's approximation, for its weights (vit_weights.py)
     head_bias_init: float = 0.0
     scan: bool = True
     remat_policy: str = "none"
@@ -343,20 +344,27 @@ class ViT(nn.Module):
             cls = nn.remat(cls, policy=policy, prevent_cse=not self.scan)
         kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
                   norm=self.norm, dtype=self.dtype, param_dtype=self.param_dtype,
-                  ops=ops(self.impl, self.attention_impl))
+                  ops=ops(self.impl, self.attention_impl, self.gelu))
         if self.block == "parallel":
             kw.update(parallel_linear=self.parallel_linear, collective_ring=self.collective_ring)
         return cls, kw
 
     @nn.compact
-    def __call__(self, images, *, train=False):
+    def __call__(self, images, *, train=False, mask=None, return_map=False):
+        """mask: [B, H/p, W/p], 1 where SimMIM's mask token replaces the patch token (vit22b/models/simmim.py);
+        return_map: the encoder's patch tokens as a map [B, H/p, W/p, width] instead of the head's output."""
         del train  # no dropout or stochastic depth in the ViT-22B recipe
-        p, layer_ops = self.patch_size, ops(self.impl, self.attention_impl)
+        p, layer_ops = self.patch_size, ops(self.impl, self.attention_impl, self.gelu)
         x = PatchEmbed(self.width, patch=p, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding",
                        ops=layer_ops,
                        kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                        bias_init=_p(nn.initializers.zeros, ("embed",)))(images.astype(self.dtype))
         b, h, w, d = x.shape
+        if mask is not None:  # on the patch tokens, before the position embedding (SimMIM's ViT)
+            token = self.param("mask_token", _p(nn.initializers.normal(0.02), (None, None, None, "embed")),
+                               (1, 1, 1, d), self.param_dtype)
+            m = mask.astype(x.dtype)[..., None]
+            x = x * (1 - m) + token.astype(x.dtype) * m
         x = x.reshape(b, h * w, d)
         if self.posemb == "learn":
             pe = self.param("pos_embedding", _p(nn.initializers.normal(1 / np.sqrt(d)), (None, "length", "embed")),
@@ -379,8 +387,14 @@ class ViT(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block_cls(**kw, name=f"block_{i:02d}")(x, None)
+        # The encoder output batch-sharded, whatever layout the blocks left it in: without this, XLA partitioned
+        # the MAP head's backward wrongly after the collective blocks' feature-sharded output inside the
+        # gradient-accumulation scan (block gradients off by half; tests/test_meshes.py, '+accum').
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if not self.fc_norm:
             x = make_norm(self.norm, self.dtype, self.param_dtype, "encoder_norm", ops=layer_ops)(x)
+        if return_map:
+            return x[:, prefix:].reshape(b, h, w, d).astype(jnp.float32)
 
         if self.head == "map":
             x = MAPHead(self.num_heads, self.mlp_dim, self.norm, self.dtype, self.param_dtype, layer_ops,

@@ -19,14 +19,17 @@ import numpy as np
 
 from vit22b import models
 from vit22b.models import vit
+from vit22b.models.checkpoint_files import (CheckpointError, abstract_params, flax_weight, read_npz, read_state_dict,
+                                             torch_weight)
 
 # Position-embedding resampling as each source codebase does it (weights.md section 3): timm's state-dict filter
 # (bicubic, antialiased), timm's npz loader (bilinear), big_vision's scipy zoom of order 1 (corners pinned).
 RESAMPLE = ("bicubic", "bilinear", "big_vision")
 
 
-class CheckpointError(ValueError):
-    pass
+# Our ViT's settings that a weight file determines (the rest: dtypes, scan, kernels, are the user's).
+SETTINGS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "block", "norm", "qk_norm", "qkv_bias", "head",
+            "posemb", "class_token", "pre_norm", "fc_norm", "gelu")
 
 
 def _blocks(sd):
@@ -50,6 +53,9 @@ def timm_model_kw(sd, num_heads=None, head=None):
         num_heads = by_width[width]
     mlp_dim = (sd["blocks.0.in_proj.weight"].shape[0] - 3 * width if parallel
                else sd["blocks.0.mlp.fc1.weight"].shape[0])
+    if width % num_heads or (parallel and mlp_dim % num_heads):
+        raise CheckpointError(f"num_heads {num_heads} does not divide the width {width}"
+                              + (f" and the MLP's {mlp_dim} units" if parallel else ""))
     norm_key = "blocks.0.in_norm" if parallel else "blocks.0.norm1"
     if head is None:
         head = "map" if "attn_pool.latent" in sd else "token" if "cls_token" in sd and "fc_norm.weight" not in sd \
@@ -60,7 +66,7 @@ def timm_model_kw(sd, num_heads=None, head=None):
         qk_norm=f"{prefix}q_norm.weight" in sd,
         qkv_bias=("blocks.0.in_proj.bias" in sd) if parallel else "blocks.0.attn.qkv.bias" in sd,
         head=head, posemb="learn", class_token="cls_token" in sd and head != "token",
-        pre_norm="norm_pre.weight" in sd, fc_norm="fc_norm.weight" in sd)
+        pre_norm="norm_pre.weight" in sd, fc_norm="fc_norm.weight" in sd, gelu="exact")
 
 
 def _grid(n):
@@ -90,10 +96,6 @@ def resample_posemb(pe, grid, method="bicubic"):
     return np.asarray(out.reshape(1, grid * grid, -1), np.float32)
 
 
-def _dense(w):
-    return np.ascontiguousarray(w.T)
-
-
 def _norm(sd, key, kind):
     out = {"scale": sd.pop(f"{key}.weight")}
     if kind == "layernorm":
@@ -107,7 +109,8 @@ def timm_to_params(sd, kw, img_size, resample="bicubic"):
     sd = dict(sd)
     d, m, h, norm = kw["width"], kw["mlp_dim"], kw["num_heads"], kw["norm"]
     dh = d // h
-    p = {"embedding": {"kernel": np.ascontiguousarray(sd.pop("patch_embed.proj.weight").transpose(2, 3, 1, 0))}}
+    zeros = np.zeros(d, np.float32)
+    p = {"embedding": {"kernel": torch_weight(sd.pop("patch_embed.proj.weight"))}}
     p["embedding"]["bias"] = sd.pop("patch_embed.proj.bias", np.zeros(d, np.float32))  # timm pre_norm: no bias
     pe = sd.pop("pos_embed")
     cls = sd.pop("cls_token", None)
@@ -125,32 +128,38 @@ def timm_to_params(sd, kw, img_size, resample="bicubic"):
             w = sd.pop(b + "in_proj.weight")  # rows [mlp | q | k | v]
             mlp, q, k, v = w[:m], w[m:m + d], w[m + d:m + 2 * d], w[m + 2 * d:]
             per_head = [t.T.reshape(d, h, -1) for t in (q, k, v, mlp)]
+            if b + "out_proj.weight" in sd:  # timm's fuse_out_proj: input columns [attention | MLP]
+                fused = sd.pop(b + "out_proj.weight")
+                attn_out, mlp_out = fused[:, :d], fused[:, d:]
+                out_bias = sd.pop(b + "out_proj.bias", zeros)
+            else:  # timm's proj_bias=False leaves the two biases out: zero
+                attn_out, mlp_out = sd.pop(b + "attn_out_proj.weight"), sd.pop(b + "mlp_out_proj.weight")
+                out_bias = sd.pop(b + "attn_out_proj.bias", zeros) + sd.pop(b + "mlp_out_proj.bias", zeros)
             blk = {"norm": _norm(sd, b + "in_norm", norm),
                    "in_kernel": np.concatenate(per_head, -1).reshape(d, -1),
-                   "out_kernel": np.concatenate([sd.pop(b + "attn_out_proj.weight").T.reshape(h, dh, d),
-                                                 sd.pop(b + "mlp_out_proj.weight").T.reshape(h, m // h, d)],
+                   "out_kernel": np.concatenate([attn_out.T.reshape(h, dh, d), mlp_out.T.reshape(h, m // h, d)],
                                                 1).reshape(-1, d),
-                   "out_bias": sd.pop(b + "attn_out_proj.bias") + sd.pop(b + "mlp_out_proj.bias")}
+                   "out_bias": out_bias}
             if kw["qkv_bias"]:
                 bias = sd.pop(b + "in_proj.bias")
                 blk["mlp_bias"] = bias[:m]
                 blk["qkv_bias"] = bias[m:].reshape(3, h, dh).transpose(1, 0, 2).reshape(-1)
             else:
                 blk["mlp_bias"] = sd.pop(b + "mlp_bias")
-            norms = b
+            qk_norms = b
         else:
             blk = {"norm1": _norm(sd, b + "norm1", norm),
-                   "qkv_kernel": _dense(sd.pop(b + "attn.qkv.weight")),
-                   "attn_out_kernel": _dense(sd.pop(b + "attn.proj.weight")), "attn_out_bias": sd.pop(b + "attn.proj.bias"),
+                   "qkv_kernel": torch_weight(sd.pop(b + "attn.qkv.weight")),
+                   "attn_out_kernel": torch_weight(sd.pop(b + "attn.proj.weight")), "attn_out_bias": sd.pop(b + "attn.proj.bias"),
                    "norm2": _norm(sd, b + "norm2", norm),
-                   "mlp_in_kernel": _dense(sd.pop(b + "mlp.fc1.weight")), "mlp_in_bias": sd.pop(b + "mlp.fc1.bias"),
-                   "mlp_out_kernel": _dense(sd.pop(b + "mlp.fc2.weight")), "mlp_out_bias": sd.pop(b + "mlp.fc2.bias")}
+                   "mlp_in_kernel": torch_weight(sd.pop(b + "mlp.fc1.weight")), "mlp_in_bias": sd.pop(b + "mlp.fc1.bias"),
+                   "mlp_out_kernel": torch_weight(sd.pop(b + "mlp.fc2.weight")), "mlp_out_bias": sd.pop(b + "mlp.fc2.bias")}
             if kw["qkv_bias"]:
                 blk["qkv_bias"] = sd.pop(b + "attn.qkv.bias")
-            norms = b + "attn."
+            qk_norms = b + "attn."
         if kw["qk_norm"]:
-            blk["q_norm"] = _norm(sd, norms + "q_norm", norm)
-            blk["k_norm"] = _norm(sd, norms + "k_norm", norm)
+            blk["q_norm"] = _norm(sd, qk_norms + "q_norm", norm)
+            blk["k_norm"] = _norm(sd, qk_norms + "k_norm", norm)
         p[f"block_{i:02d}"] = blk
     p["fc_norm" if kw["fc_norm"] else "encoder_norm"] = _norm(sd, "fc_norm" if kw["fc_norm"] else "norm", norm)
     if kw["head"] == "map":
@@ -166,10 +175,10 @@ def timm_to_params(sd, kw, img_size, resample="bicubic"):
                           "out": {"kernel": np.ascontiguousarray(sd.pop("attn_pool.proj.weight").T.reshape(h, dh, d)),
                                   "bias": sd.pop("attn_pool.proj.bias")}},
             "norm": _norm(sd, "attn_pool.norm", norm),
-            "mlp_in": {"kernel": _dense(sd.pop("attn_pool.mlp.fc1.weight")), "bias": sd.pop("attn_pool.mlp.fc1.bias")},
-            "mlp_out": {"kernel": _dense(sd.pop("attn_pool.mlp.fc2.weight")), "bias": sd.pop("attn_pool.mlp.fc2.bias")}}
+            "mlp_in": {"kernel": torch_weight(sd.pop("attn_pool.mlp.fc1.weight")), "bias": sd.pop("attn_pool.mlp.fc1.bias")},
+            "mlp_out": {"kernel": torch_weight(sd.pop("attn_pool.mlp.fc2.weight")), "bias": sd.pop("attn_pool.mlp.fc2.bias")}}
     if "head.weight" in sd:
-        p["head"] = {"kernel": _dense(sd.pop("head.weight")), "bias": sd.pop("head.bias")}
+        p["head"] = {"kernel": torch_weight(sd.pop("head.weight")), "bias": sd.pop("head.bias")}
     if sd:
         raise CheckpointError(f"checkpoint parameters with no place in our ViT: {sorted(sd)[:6]}"
                               + (f" and {len(sd) - 6} more" if len(sd) > 6 else ""))
@@ -185,18 +194,17 @@ def params_to_timm(kw, p):
     d, m, h = kw["width"], kw["mlp_dim"], kw["num_heads"]
     dh = d // h
     f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
-    sd = {"patch_embed.proj.weight": f32(p["embedding"]["kernel"]).transpose(3, 2, 0, 1)}
+    sd = {"patch_embed.proj.weight": flax_weight(p["embedding"]["kernel"])}
     if not kw["pre_norm"]:  # timm drops the patch bias with pre_norm
         sd["patch_embed.proj.bias"] = p["embedding"]["bias"]
     elif np.any(np.asarray(p["embedding"]["bias"])):
         raise CheckpointError("model.pre_norm: timm's pre-norm ViT has no patch-embedding bias, and this one's is "
                               "not zero")
     pe = f32(p["pos_embedding"])
-    prefix = "cls" in p
     if kw["block"] == "sequential" and kw["head"] == "token":  # timm's classic layout: a (zero) class slot
         pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], 1)
     sd["pos_embed"] = pe
-    if prefix:
+    if "cls" in p:
         sd["cls_token"] = p["cls"]
 
     def put_norm(key, q):
@@ -224,22 +232,22 @@ def params_to_timm(kw, p):
             sd[b + "mlp_out_proj.weight"] = rows[:, dh:].reshape(m, d).T
             sd[b + "attn_out_proj.bias"] = blk["out_bias"]
             sd[b + "mlp_out_proj.bias"] = np.zeros(d, np.float32)
-            norms = b
+            qk_norms = b
         else:
             put_norm(b + "norm1", blk["norm1"])
             put_norm(b + "norm2", blk["norm2"])
-            sd[b + "attn.qkv.weight"] = f32(blk["qkv_kernel"]).T
+            sd[b + "attn.qkv.weight"] = flax_weight(blk["qkv_kernel"])
             if kw["qkv_bias"]:
                 sd[b + "attn.qkv.bias"] = blk["qkv_bias"]
-            sd[b + "attn.proj.weight"] = f32(blk["attn_out_kernel"]).T
+            sd[b + "attn.proj.weight"] = flax_weight(blk["attn_out_kernel"])
             sd[b + "attn.proj.bias"] = blk["attn_out_bias"]
             for ours, theirs in (("mlp_in", "fc1"), ("mlp_out", "fc2")):
-                sd[f"{b}mlp.{theirs}.weight"] = f32(blk[f"{ours}_kernel"]).T
+                sd[f"{b}mlp.{theirs}.weight"] = flax_weight(blk[f"{ours}_kernel"])
                 sd[f"{b}mlp.{theirs}.bias"] = blk[f"{ours}_bias"]
-            norms = b + "attn."
+            qk_norms = b + "attn."
         if kw["qk_norm"]:
-            put_norm(norms + "q_norm", blk["q_norm"])
-            put_norm(norms + "k_norm", blk["k_norm"])
+            put_norm(qk_norms + "q_norm", blk["q_norm"])
+            put_norm(qk_norms + "k_norm", blk["k_norm"])
     put_norm("fc_norm" if kw["fc_norm"] else "norm", p["fc_norm" if kw["fc_norm"] else "encoder_norm"])
     if kw["head"] == "map":
         a = p["map_head"]["attention"]
@@ -251,13 +259,13 @@ def params_to_timm(kw, p):
                                                         f32(a["value"]["bias"]).reshape(d)]),
                    "attn_pool.proj.weight": f32(a["out"]["kernel"]).reshape(d, d).T,
                    "attn_pool.proj.bias": a["out"]["bias"],
-                   "attn_pool.mlp.fc1.weight": f32(p["map_head"]["mlp_in"]["kernel"]).T,
+                   "attn_pool.mlp.fc1.weight": flax_weight(p["map_head"]["mlp_in"]["kernel"]),
                    "attn_pool.mlp.fc1.bias": p["map_head"]["mlp_in"]["bias"],
-                   "attn_pool.mlp.fc2.weight": f32(p["map_head"]["mlp_out"]["kernel"]).T,
+                   "attn_pool.mlp.fc2.weight": flax_weight(p["map_head"]["mlp_out"]["kernel"]),
                    "attn_pool.mlp.fc2.bias": p["map_head"]["mlp_out"]["bias"]})
         put_norm("attn_pool.norm", p["map_head"]["norm"])
     if "head" in p:
-        sd["head.weight"] = f32(p["head"]["kernel"]).T
+        sd["head.weight"] = flax_weight(p["head"]["kernel"])
         sd["head.bias"] = p["head"]["bias"]
     return {k: f32(v) for k, v in sd.items()}
 
@@ -279,33 +287,11 @@ def timm_args(kw, img_size, num_classes):
             "qkv_bias": kw["qkv_bias"], "qk_norm": kw["qk_norm"], "norm_layer": kw["norm"],
             "class_token": kw["head"] == "token" or kw["class_token"], "no_embed_class": not classic_layout,
             "global_pool": {"token": "token", "gap": "avg", "map": "map"}[kw["head"]], "fc_norm": kw["fc_norm"],
-            "pre_norm": kw["pre_norm"], "dynamic_img_size": False}
+            "pre_norm": kw["pre_norm"], "dynamic_img_size": False,
+            "act_layer": "gelu_tanh" if kw.get("gelu") == "tanh" else "gelu"}
 
 
 # ---- big_vision / vision_transformer .npz -> timm keys (weights.md section 3) ----
-
-def _bv_name_map(linen):
-    """Per-block npz names -> timm suffix; pre-linen files number submodules across classes (weights.md)."""
-    mha, ln2, mlp = ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0") if linen else (
-        "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
-    return {"LayerNorm_0": "norm1", ln2: "norm2", f"{mlp}/Dense_0": "mlp.fc1", f"{mlp}/Dense_1": "mlp.fc2", mha: "attn"}
-
-
-def read_npz(path):
-    """{name: float32 array} of a big_vision / vision_transformer .npz (bfloat16 stored as |V2 viewed back)."""
-    import ml_dtypes
-    with np.load(path, allow_pickle=False) as f:
-        out = {}
-        for k in f.files:
-            v = f[k]
-            if v.dtype == np.dtype("V2"):
-                v = v.view(ml_dtypes.bfloat16)
-            out[k] = np.asarray(v, np.float32)
-    for prefix in ("params/", "opt/target/"):
-        if out and all(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):]: v for k, v in out.items()}
-    return out
-
 
 def npz_to_timm(npz):
     """A big_vision (linen, also scanned) or vision_transformer (pre-linen) parameter dict as timm state-dict keys:
@@ -316,61 +302,57 @@ def npz_to_timm(npz):
             v = npz.pop(k)
             for i in range(v.shape[0]):
                 npz[k.replace("encoderblock/", f"encoderblock_{i}/")] = v[i]
-    linen = not any("MultiHeadDotProductAttention_1" in k for k in npz)
-    sd, names = {}, _bv_name_map(linen)
+    depth = 1 + max((int(m.group(1)) for k in npz for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)] if m),
+                    default=-1)
+    if not depth:
+        raise CheckpointError(f"no ViT encoder blocks (Transformer/encoderblock_N/...); first names: {sorted(npz)[:3]}")
+    pop, sd = npz.pop, {}
 
-    def leaf(key, value):
-        name = key.rsplit("/", 1)[-1]
-        return {"kernel": "weight", "scale": "weight"}.get(name, name), value
+    def dense(src, dst):  # kernel [in, out] (and bias) -> timm weight [out, in]
+        sd[f"{dst}.weight"] = flax_weight(pop(f"{src}/kernel"))
+        sd[f"{dst}.bias"] = pop(f"{src}/bias")
 
-    def attention(prefix, value_of, out):
-        qkv = [value_of(f"{prefix}/{n}/kernel") for n in ("query", "key", "value")]
+    def norm(src, dst):
+        sd[f"{dst}.weight"], sd[f"{dst}.bias"] = pop(f"{src}/scale"), pop(f"{src}/bias")
+
+    def attention(src):  # flax MultiHeadDotProductAttention -> q, k, v weights and biases; out -> `proj`
+        qkv = [pop(f"{src}/{n}/kernel") for n in ("query", "key", "value")]
         d = qkv[0].shape[0]
-        bias = [value_of(f"{prefix}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
-        out["proj.weight"] = value_of(f"{prefix}/out/kernel").reshape(-1, d).T
-        out["proj.bias"] = value_of(f"{prefix}/out/bias")
-        return [t.reshape(d, -1).T for t in qkv], bias
+        biases = [pop(f"{src}/{n}/bias").reshape(-1) for n in ("query", "key", "value")]
+        proj = (pop(f"{src}/out/kernel").reshape(-1, d).T, pop(f"{src}/out/bias"))
+        return [t.reshape(d, -1).T for t in qkv], biases, proj
 
-    pop = npz.pop
-    sd["patch_embed.proj.weight"] = pop("embedding/kernel").transpose(3, 2, 0, 1)
+    sd["patch_embed.proj.weight"] = flax_weight(pop("embedding/kernel"))
     sd["patch_embed.proj.bias"] = pop("embedding/bias")
     for key in ("pos_embedding", "Transformer/posembed_input/pos_embedding", "Transformer/pos_embedding"):
         if key in npz:
             sd["pos_embed"] = pop(key)
     if "cls" in npz:
         sd["cls_token"] = pop("cls")
-    for i in range(1 + max(int(m.group(1)) for k in npz for m in [re.match(r"Transformer/encoderblock_(\d+)/", k)]
-                           if m)):
-        b = f"Transformer/encoderblock_{i}/"
-        for src, dst in names.items():
-            if dst == "attn":
-                out = {}
-                (q, k, v), (qb, kb, vb) = attention(b + src, pop, out)
-                sd[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([q, k, v], 0)
-                sd[f"blocks.{i}.attn.qkv.bias"] = np.concatenate([qb, kb, vb])
-                sd.update({f"blocks.{i}.attn.{n}": w for n, w in out.items()})
-            else:
-                for leafname in ("kernel", "bias", "scale"):
-                    if f"{b}{src}/{leafname}" in npz:
-                        name, value = leaf(leafname, pop(f"{b}{src}/{leafname}"))
-                        sd[f"blocks.{i}.{dst}.{name}"] = value.T if name == "weight" and value.ndim == 2 else value
-    for src, dst in (("Transformer/encoder_norm", "norm"), ("head", "head"), ("pre_logits", "pre_logits")):
-        for leafname in ("kernel", "bias", "scale"):
-            if f"{src}/{leafname}" in npz:
-                name, value = leaf(leafname, pop(f"{src}/{leafname}"))
-                sd[f"{dst}.{name}"] = value.T if value.ndim == 2 else value
+    pre_linen = any("MultiHeadDotProductAttention_1" in k for k in npz)
+    mha, ln2, mlp = (("MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3") if pre_linen
+                     else ("MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"))
+    for i in range(depth):
+        b, t = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        norm(b + "LayerNorm_0", t + "norm1")
+        norm(b + ln2, t + "norm2")
+        (q, k, v), (qb, kb, vb), (sd[t + "attn.proj.weight"], sd[t + "attn.proj.bias"]) = attention(b + mha)
+        sd[t + "attn.qkv.weight"], sd[t + "attn.qkv.bias"] = np.concatenate([q, k, v]), np.concatenate([qb, kb, vb])
+        dense(f"{b}{mlp}/Dense_0", t + "mlp.fc1")
+        dense(f"{b}{mlp}/Dense_1", t + "mlp.fc2")
+    norm("Transformer/encoder_norm", "norm")
+    for name in ("head", "pre_logits"):
+        if f"{name}/kernel" in npz:
+            dense(name, name)
     if "MAPHead_0/probe" in npz:
         sd["attn_pool.latent"] = pop("MAPHead_0/probe")
-        out = {}
-        (q, k, v), (qb, kb, vb) = attention("MAPHead_0/MultiHeadDotProductAttention_0", pop, out)
+        (q, k, v), (qb, kb, vb), (sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"]) = attention(
+            "MAPHead_0/MultiHeadDotProductAttention_0")
         sd.update({"attn_pool.q.weight": q, "attn_pool.q.bias": qb, "attn_pool.kv.weight": np.concatenate([k, v]),
-                   "attn_pool.kv.bias": np.concatenate([kb, vb]), "attn_pool.proj.weight": out["proj.weight"],
-                   "attn_pool.proj.bias": out["proj.bias"],
-                   "attn_pool.norm.weight": pop("MAPHead_0/LayerNorm_0/scale"),
-                   "attn_pool.norm.bias": pop("MAPHead_0/LayerNorm_0/bias")})
-        for j, fc in ((0, "fc1"), (1, "fc2")):
-            sd[f"attn_pool.mlp.{fc}.weight"] = pop(f"MAPHead_0/MlpBlock_0/Dense_{j}/kernel").T
-            sd[f"attn_pool.mlp.{fc}.bias"] = pop(f"MAPHead_0/MlpBlock_0/Dense_{j}/bias")
+                   "attn_pool.kv.bias": np.concatenate([kb, vb])})
+        norm("MAPHead_0/LayerNorm_0", "attn_pool.norm")
+        dense("MAPHead_0/MlpBlock_0/Dense_0", "attn_pool.mlp.fc1")
+        dense("MAPHead_0/MlpBlock_0/Dense_1", "attn_pool.mlp.fc2")
     if npz:
         raise CheckpointError(f"npz parameters with no place in our ViT: {sorted(npz)[:6]}")
     return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
@@ -382,9 +364,9 @@ def stack_blocks(module, p):
     """Our unscanned tree -> the module's layout (scanned modules hold the blocks stacked under `blocks`)."""
     if not module.scan:
         return p
-    names = sorted(k for k in p if k.startswith("block_"))
+    depth = sum(1 for k in p if k.startswith("block_"))
     out = {k: v for k, v in p.items() if not k.startswith("block_")}
-    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[p[n] for n in names])
+    out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs), *[p[f"block_{i:02d}"] for i in range(depth)])
     return out
 
 
@@ -398,30 +380,34 @@ def unstack_blocks(p):
     return out
 
 
-def load_vit(path, *, img_size=None, num_classes=None, num_heads=None, head=None, resample=None, **model_kw):
+def load_vit(path, *, img_size=None, num_classes=None, num_heads=None, head=None, resample=None, state_dict=None,
+             **model_kw):
     """(module, params) of our ViT from a timm state dict (.safetensors / .pth / .bin) or a big_vision /
-    vision_transformer .npz. Settings not given come from the file (`head`: 'token' where the file has a class
-    token and no fc_norm; give head='gap' for a timm model pooled by averaging without one); img_size (default:
+    vision_transformer .npz (their tanh GELU: gelu='tanh'). Settings not given come from the file (`head`: 'token'
+    where the file has a class token and no fc_norm: give head='gap' for a timm model that averages without one);
+    model_kw sets the rest (dtype, param_dtype, scan, gelu='tanh' for timm's gelu_tanh models). img_size (default:
     the file's grid) resamples the position embedding as the source codebase does (`resample`, one of RESAMPLE:
     timm files bicubic, .npz files as big_vision); num_classes other than the file's replaces the head with a fresh
-    zero-initialised one (0: no head, the model returns pre-logit features)."""
-    from vit22b.models.convert import read_state_dict
+    zero-initialised one (0: no head, the model returns pre-logit features), as does dropping big_vision's
+    pre_logits layer, which the old head was trained on. `state_dict`: the file's contents, already read.
+    timm's parallel blocks are read as timm >= 1.0.25 computes them (earlier versions added mlp_bias to the wrong
+    columns; shared reference weights.md section 2)."""
     path = str(path)
     npz = path.endswith(".npz")
-    sd = npz_to_timm(read_npz(path)) if npz else read_state_dict(path)
-    if any(k.startswith("layers.") for k in sd) and "patch_embed.proj.weight" in sd:
-        raise CheckpointError(f"{path}: this file holds a Swin model (layers.*), not a ViT; use load_swinv2")
-    unknown = [k for k in sd if k in ("reg_token",) or ".ls1." in k or ".ls2." in k]
-    if unknown:
-        raise CheckpointError(f"{path}: {unknown[0]}: timm's register tokens and layer scale are not in our ViT")
-    if "pre_logits.weight" in sd:
-        if num_classes is None:
-            raise CheckpointError(f"{path}: pre_logits (big_vision's representation layer before the head) is not "
-                                  f"in our ViT; pass num_classes to load with a new head without it")
-        for k in ("pre_logits.weight", "pre_logits.bias"):
-            sd.pop(k, None)
     try:
-        kw = timm_model_kw(sd, num_heads, head) | model_kw
+        sd = dict(state_dict) if state_dict is not None else npz_to_timm(read_npz(path)) if npz else read_state_dict(path)
+        if any(k.startswith("layers.") for k in sd):
+            raise CheckpointError("this file holds a Swin model (layers.*), not a ViT")
+        unknown = [k for k in sd if k == "reg_token" or re.search(r"\.(ls|ls1|ls2)\.gamma$", k)]
+        if unknown:
+            raise CheckpointError(f"{unknown[0]}: timm's register tokens and layer scale are not in our ViT")
+        if "pre_logits.weight" in sd:
+            if not num_classes:
+                raise CheckpointError("pre_logits (big_vision's representation layer before the head) is not in our "
+                                      "ViT; pass num_classes for a new head, which drops it with the old head")
+            for k in ("pre_logits.weight", "pre_logits.bias", "head.weight", "head.bias"):
+                sd.pop(k, None)
+        kw = timm_model_kw(sd, num_heads, head) | ({"gelu": "tanh"} if npz else {}) | model_kw
         slot = "cls_token" in sd and not _is_square(sd["pos_embed"].shape[1])
         img_size = img_size or _grid(sd["pos_embed"].shape[1] - slot) * kw["patch_size"]
         file_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
@@ -433,29 +419,27 @@ def load_vit(path, *, img_size=None, num_classes=None, num_heads=None, head=None
     except KeyError as e:
         raise CheckpointError(f"{path}: lacks {e.args[0]}, which a ViT with these settings has") from None
     except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        raise CheckpointError(e.args[0] if e.args[0].startswith(path) else f"{path}: {e}") from None
     module = models.build("vit", kw, num_classes, img_size)
     if num_classes and "head" not in p:
         p["head"] = {"kernel": np.zeros((kw["width"], num_classes), np.float32),
                      "bias": np.full(num_classes, module.head_bias_init, np.float32)}
     params = stack_blocks(module, p)
-    _check_fits(module, params, img_size, path)
-    return module, jax.tree.map(jnp.asarray, params)
-
-
-def _check_fits(module, params, img_size, where):
-    from vit22b.models.convert import abstract_params
     from vit22b.train.checkpointing import compare_trees
-    channels = params["embedding"]["kernel"].shape[2]
-    compare_trees(abstract_params(module, img_size, channels), params, where, CheckpointError)
+    expected = abstract_params(module, img_size, params["embedding"]["kernel"].shape[2])
+    compare_trees(expected, params, path, CheckpointError)
+    return module, jax.tree.map(lambda x, e: jnp.asarray(x, e.dtype), params, expected)  # in model.param_dtype
+
+
+def image_size(module, params):
+    """The image size a ViT's parameters are for (its position-embedding grid times the patch)."""
+    return _grid(np.shape(nn.meta.unbox(params)["pos_embedding"])[1]) * module.patch_size
 
 
 def to_timm(module, params):
     """(timm state dict of float32 numpy arrays, timm.create_model keyword arguments) for our ViT `module`."""
     params = nn.meta.unbox(params)
-    kw = {k: getattr(module, k) for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "block", "norm",
-                                          "qk_norm", "qkv_bias", "head", "posemb", "class_token", "pre_norm",
-                                          "fc_norm")}
-    img_size = _grid(np.asarray(params["pos_embedding"]).shape[1]) * module.patch_size
-    args = timm_args(kw, img_size, module.num_classes) | {"in_chans": int(np.shape(params["embedding"]["kernel"])[2])}
+    kw = {k: getattr(module, k) for k in SETTINGS}
+    args = timm_args(kw, 0, module.num_classes)  # a model timm cannot express fails here, before anything is read
+    args.update(img_size=image_size(module, params), in_chans=int(np.shape(params["embedding"]["kernel"])[2]))
     return params_to_timm(kw, unstack_blocks(jax.tree.map(np.asarray, params))), args

@@ -85,7 +85,8 @@ def compile_train_step(config, mesh, batch_size, image_shape, num_classes, multi
         model = loop.build_model(config, num_classes)
         _, abstract, shardings, tx, lr_fn = loop.abstract_train_state(model, config, mesh, image_shape)
         step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh)
-        lowered = step.lower(abstract, loop.abstract_batch(batch_size, image_shape, num_classes, multi_label))
+        batch = loop.abstract_batch(batch_size, image_shape, num_classes, multi_label, config)
+        lowered = step.lower(abstract, batch)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     return compiled, abstract, shardings, lowered_at - start, time.perf_counter() - lowered_at

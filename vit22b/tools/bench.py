@@ -163,8 +163,9 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         t = time.perf_counter()
         compiled = step.lower(*args).compile()
         compile_s = time.perf_counter() - t
-        if memory_limit is not None and peak_memory_bytes(compiled) > memory_limit:
-            raise DoesNotFit(peak_memory_bytes(compiled), memory_limit)
+        peak = peak_memory_bytes(compiled)
+        if memory_limit is not None and peak > memory_limit:
+            raise DoesNotFit(peak, memory_limit)
 
         def once():
             nonlocal state
@@ -213,7 +214,7 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
         "achieved_gflop_per_s": round(achieved, 1),
         "matmul_ceiling_gflop_per_s": {k: round(v, 1) for k, v in ceilings.items()},
         "mfu": round(achieved / ceiling, 3),
-        "peak_memory_bytes": peak_memory_bytes(compiled),
+        "peak_memory_bytes": peak,
     } | ({"breakdown": parts} if breakdown else {}) | ({"paired": paired} if pairs else {})
 
 

@@ -31,9 +31,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Dense bf16 peak per device (NVIDIA datasheets, without sparsity), matched against JAX's device_kind in this
 # order (a PCIe or NVL card before the SXM part of the same name).
-GPU_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-             ("H800", 989e12), ("B200", 2250e12), ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12),
-             ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12))
+GPU_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12),
+             ("H100", 989e12), ("H200", 989e12), ("H800", 989e12), ("B200", 2250e12), ("B100", 1750e12),
+             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10", 125e12))
 
 
 def datasheet_peak(device_kind):
@@ -103,59 +103,66 @@ def load(candidate, tiny=False):
 
 
 def attention_kernels(config):
-    """'xla', and 'cudnn' on an NVIDIA GPU in bf16 (whether cuDNN takes every attention's shapes, the model checks
-    when the explicit 'cudnn' is traced)."""
+    """'xla', and 'cudnn' on an NVIDIA GPU in bf16. The probe's shapes (head_dim 8, length 2) pass cuDNN's shape
+    rules, so only the platform and dtype decide here; whether cuDNN takes every attention of the model, the
+    model checks when the explicit 'cudnn' is resolved (a ValueError naming model.attention_impl)."""
     reason = attention.cudnn_unsupported(config.model.dtype, 8, 2, 2, False)
     return ["xla"] if reason else ["xla", "cudnn"]
 
 
 def run(names, steps=10, budget_s=480.0, tiny=False, memory_limit=None, log=print):
     """The suite's results: one dict per (row, attention kernel) that ran, or that did not with `skipped` saying
-    why (does not fit, no time left, the kernel refused the config)."""
+    why (does not fit, no time left, the kernel refused the config, the run failed). Each kernel walks the row's
+    candidate settings on its own and takes the first that fits; `best` marks the faster kernel where two ran.
+    `log` gets each result as a JSON line as soon as it is known."""
     start = time.perf_counter()
     device = jax.devices()[0]
     if memory_limit is None:
         memory_limit = (device.memory_stats() or {}).get("bytes_limit")
+    peak = datasheet_peak(device.device_kind)
     results = []
+
+    def note(result):
+        results.append(result)
+        log(json.dumps(result))
+
     for name in names:
         label, candidates = ROWS[name]
-        for candidate in candidates:
-            config = load(candidate, tiny)
-            row = {"row": name, "label": label, "config": candidate["config"],
-                   "remat_policy": config.model.remat_policy}
-            fitted = out_of_time = False
-            for kernel in attention_kernels(config):
-                if time.perf_counter() - start > budget_s:
-                    results.append(row | {"attention_impl": kernel, "skipped": f"budget of {budget_s:.0f} s spent"})
-                    out_of_time = True
-                    continue
+        for kernel in attention_kernels(load(candidates[0], tiny)):
+            for candidate in candidates:
+                config = load(candidate, tiny)
                 config.model.attention_impl = kernel
+                row = {"row": name, "label": label, "config": candidate["config"],
+                       "remat_policy": config.model.remat_policy, "attention_impl": kernel}
+                if time.perf_counter() - start > budget_s:
+                    note(row | {"skipped": f"budget of {budget_s:.0f} s spent"})
+                    break
                 try:
                     r = bench.bench(config, steps=steps, memory_limit=memory_limit)
                 except bench.DoesNotFit as e:
                     needed, limit = e.args
-                    results.append(row | {"attention_impl": kernel, "skipped": f"needs {needed / 2**30:.1f} GiB of "
-                                          f"{limit / 2**30:.1f} GiB"})
+                    note(row | {"skipped": f"needs {needed / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB"})
                     continue
-                except ValueError as e:  # an explicit kernel that cannot run this config (named by the model)
-                    results.append(row | {"attention_impl": kernel, "skipped": str(e)})
+                except ValueError as e:
+                    if not str(e).startswith("model.attention_impl"):  # a bug, not a kernel that cannot run here
+                        raise
+                    note(row | {"skipped": str(e)})
+                    break
+                except jax.errors.JaxRuntimeError as e:  # e.g. out of memory beyond the compiled estimate
+                    note(row | {"skipped": f"failed: {' '.join(str(e).split())[:200]}"})
                     continue
                 finally:
                     gc.collect()
                     jax.clear_caches()
-                fitted = True
-                peak = datasheet_peak(device.device_kind)
-                results.append(row | {"attention_impl": kernel, "variant": r["variant"] + (" (tiny)" if tiny else ""), **{k: r[k] for k in (
+                note(row | {"variant": r["variant"] + (" (tiny)" if tiny else ""), **{k: r[k] for k in (
                     "batch", "image_size", "dtype", "compile_s", "step_s", "img_per_s", "achieved_gflop_per_s",
                     "matmul_ceiling_gflop_per_s", "peak_memory_bytes")}, "mfu_measured_ceiling": r["mfu"],
                     "datasheet_peak_tflop_per_s": peak and peak / 1e12,
                     "mfu_datasheet": peak and round(r["achieved_gflop_per_s"] * 1e9 / peak, 3)})
-                log(json.dumps(results[-1]))
-            if fitted or out_of_time:
                 break
-    for name in names:  # the faster kernel of each row
+    for name in names:  # the faster kernel of each row, where more than one ran
         ran = [r for r in results if r["row"] == name and "img_per_s" in r]
-        if ran:
+        if len(ran) > 1:
             max(ran, key=lambda r: r["img_per_s"])["best"] = True
     return results
 
@@ -166,7 +173,8 @@ def table(results):
     for r in results:
         attn = r["attention_impl"] + (" (best)" if r.get("best") else "")
         if "skipped" in r:
-            lines.append(f"| {r['label']} | {r['config']} {r['remat_policy']} | {attn} | | not run: {r['skipped']} "
+            reason = " ".join(r["skipped"].replace("|", "/").split())  # one table cell
+            lines.append(f"| {r['label']} | {r['config']} {r['remat_policy']} | {attn} | | not run: {reason} "
                          f"| | | | | |")
             continue
         mfu_ds = "" if r["mfu_datasheet"] is None else f"{r['mfu_datasheet']:.3f}"
@@ -193,11 +201,21 @@ def main():
     env = versions()
     print(json.dumps({"versions": env}), flush=True)
     limit = None if args.memory_limit_gib is None else args.memory_limit_gib * 2**30
-    results = run(names, args.steps, args.budget_s, args.tiny, limit, log=lambda s: print(s, flush=True))
+    so_far = []
+
+    def log(line):  # each result printed, and the --out file rewritten, as soon as it is known
+        print(line, flush=True)
+        so_far.append(json.loads(line))
+        save(so_far)
+
+    def save(results):
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"versions": env, "results": results}, f, indent=1)
+
+    results = run(names, args.steps, args.budget_s, args.tiny, limit, log=log)
+    save(results)  # with the `best` marks
     print(f"\n{env['device_kind']}, jax {env['jax']}\n\n{table(results)}", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"versions": env, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -160,14 +160,47 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(path, params, shardings):
-    """Parameters from an Orbax params checkpoint (`python -m vit22b.models.convert`), checked against the model:
-    a missing, extra or differently shaped parameter is an error that names it."""
+HEADS = ("head", "map_head")  # what a classifier adds to an encoder: fresh where a checkpoint (an encoder's) lacks it
+
+
+def load_params(path, params, shardings, module=None):
+    """The model's parameters from `path`: a params checkpoint (`python -m vit22b.models.convert`) or a run's
+    checkpoint step (WORKDIR/checkpoints/STEP, its parameters alone). From a SimMIM run (vit22b/models/simmim.py)
+    the encoder is taken, without the mask token and decoder. A classifier head (HEADS) the checkpoint lacks
+    entirely (an encoder's) keeps its fresh initialisation; any other missing, extra or differently shaped parameter is an
+    error that names it, and so is a setting of `module` that makes the same parameters compute something else
+    (the params checkpoint's model file: its pooling, GELU...). Returns (params, a note of what was left fresh)."""
+    from vit22b.models.checkpoint_files import MODEL_FILE, SEMANTIC_SETTINGS
     path = paths.resolve(path)
     if not path.is_dir():
         raise FileNotFoundError(f"config.model_init: no checkpoint folder {path}")
-    with ocp.StandardCheckpointer() as ckptr:
-        stored = ckptr.metadata(path)
+    error = lambda message: ValueError(f"config.model_init: {message}")  # noqa: E731
+    if module is not None and (path / MODEL_FILE).exists():
+        stored = json.loads((path / MODEL_FILE).read_text())["model"]
+        for key in SEMANTIC_SETTINGS:
+            if key in stored and hasattr(module, key) and stored[key] != getattr(module, key):
+                raise error(f"the checkpoint's model.{key} is {stored[key]!r}, this run's {getattr(module, key)!r} "
+                            f"(set --config.model.{key}={stored[key]})")
+    item, prefix = path, ()
+    if (path / "state").is_dir() and (path / "run").is_dir():  # a run's checkpoint step
+        item, prefix = path / "state", ("params",)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        stored = ckptr.metadata(item)
         stored = getattr(stored, "item_metadata", stored)
-        compare_trees(params, stored, str(path), lambda message: ValueError(f"config.model_init: {message}"))
-        return ckptr.restore(path, abstract_like(params, shardings))
+        for key in prefix:
+            stored = stored[key]
+        if "encoder" in stored and "encoder" not in params:  # SimMIM: the encoder, without the mask token
+            prefix += ("encoder",)
+            stored = {k: v for k, v in stored["encoder"].items() if k != "mask_token"}
+        fresh = sorted(k for k in HEADS if k in params and k not in stored)
+        wanted = {k: v for k, v in params.items() if k not in fresh}
+        compare_trees(wanted, stored, str(path), error)
+        target = abstract_like(wanted, {k: v for k, v in shardings.items() if k in wanted})
+        for key in reversed(prefix):
+            target = {key: target}
+        restored = ckptr.restore(item, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    for key in prefix:
+        restored = restored[key]
+    restored = dict(restored, **{k: params[k] for k in fresh})
+    return restored, (f"{' and '.join(fresh)} (not in the checkpoint) initialised fresh" if fresh else "")

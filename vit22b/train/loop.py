@@ -16,10 +16,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from vit22b import config_check, models, paths
+from vit22b import config_check, paths
 from vit22b.input import pipeline, preprocess
 from vit22b.parallel import sharding
-from vit22b.train import checkpointing, losses, optim, resume
+from vit22b.models import simmim as simmim_lib
+from vit22b.train import checkpointing, evaluators, optim, resume, tasks
 from vit22b.train.metrics import MetricsWriter
 
 
@@ -28,7 +29,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_model(config, num_classes):
-    return models.build(config.get("model_name", "vit"), config.model, num_classes, config.input.image_size)
+    """The config's model: a classifier, or with config.simmim its encoder inside SimMIM (vit22b/train/tasks.py)."""
+    return tasks.build_model(config, num_classes)
 
 
 def rules_of(config):
@@ -77,11 +79,16 @@ def create_train_state(model, config, mesh, image_shape, rules=None):
     return state, shardings, tx, lr_fn
 
 
-def abstract_batch(batch_size, image_shape, num_classes, multi_label=False):
-    """Shapes of one global training batch, as the input pipeline makes it (for lowering without data)."""
+def abstract_batch(batch_size, image_shape, num_classes, multi_label=False, config=None):
+    """Shapes of one global training batch, as the input pipeline makes it (for lowering without data); with a
+    SimMIM `config`, the token masks instead of labels."""
+    batch = {"image": jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
+             "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+    if config is not None and tasks.is_simmim(config):
+        side = image_shape[0] // tasks.model_patch(config)
+        return batch | {"simmim_mask": jax.ShapeDtypeStruct((batch_size, side, side), jnp.int32)}
     label = ((batch_size, num_classes), jnp.float32) if multi_label else ((batch_size,), jnp.int32)
-    return {"image": jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), jnp.float32),
-            "label": jax.ShapeDtypeStruct(*label), "mask": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+    return batch | {"label": jax.ShapeDtypeStruct(*label)}
 
 
 def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True):
@@ -92,16 +99,41 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True)
     parameter update: 65 ms of a 2.8 s ViT-B/16 bf16 step on 2 CPU cores. So `run` uses the variant
     without them between log steps."""
     smoothing = config.get("label_smoothing", 0.0)
+    accum = config.get("grad_accum_steps", 1)
+
+    def loss_and_grads(params, batch, rng):
+        # The batch loss is sum(example losses) / normaliser(sum(weights)) (vit22b/train/tasks.py; records the
+        # pipeline could not decode weigh 0); each microbatch adds its sum over the whole batch's normaliser, so
+        # the sum of their gradients is the whole batch's.
+        if tasks.is_simmim(config):
+            pixels = tasks.simmim.pixel_mask(batch["simmim_mask"], model.encoder.patch_size)
+            weights = (pixels.sum(axis=(1, 2)) * batch["mask"]).sum()
+        else:
+            weights = batch["mask"].sum()
+        count = tasks.normaliser(config, weights)
+
+        def loss_fn(params, micro, rng):
+            sums, _, _ = tasks.example_losses(model, params, micro, config, train=True, rng=rng, smoothing=smoothing)
+            return sums.sum() / count
+
+        if accum == 1:
+            return jax.value_and_grad(loss_fn)(params, batch, rng)
+        # Microbatch j takes examples j, j + accum, ...: the batch axis stays sharded as it came, every device
+        # giving each microbatch its share (a contiguous split would put each microbatch on a few devices).
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
+
+        def add(total, xs):
+            mb, j = xs
+            loss, grads = jax.value_and_grad(loss_fn)(params, mb, jax.random.fold_in(rng, j))
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        loss, grads = jax.lax.scan(add, zeros, (micro, jnp.arange(accum)))[0]  # summed in float32
+        return loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-
-        def loss_fn(params):  # mask: 0 for records the pipeline could not decode (skipped and counted)
-            logits = model.apply({"params": params}, batch["image"], train=True, rngs={"dropout": rng})
-            per_example = losses.per_example_loss(config.loss, logits, batch["label"], smoothing)
-            return (per_example * batch["mask"]).sum() / jnp.maximum(batch["mask"].sum(), 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        loss, grads = loss_and_grads(state["params"], batch, rng)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
@@ -117,11 +149,7 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True)
 
 def make_eval_step(model, config, param_shardings, mesh):
     def eval_fn(params, batch):
-        logits = model.apply({"params": params}, batch["image"])
-        mask = batch["mask"]
-        loss = losses.per_example_loss(config.loss, logits, batch["label"])
-        correct = losses.top1_correct(logits, batch["label"])
-        return {"correct": (correct * mask).sum(), "loss": (loss * mask).sum(), "count": mask.sum()}
+        return tasks.eval_sums(model, params, batch, config)
 
     return jax.jit(eval_fn, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
@@ -132,25 +160,28 @@ def to_device(batch, mesh):
     return {k: jax.make_array_from_process_local_data(s, np.asarray(v)) for k, v in batch.items()}
 
 
-def evaluate(eval_step, params, source, config, mesh, info):
-    """Top-1 accuracy and mean loss over every example of `source` exactly once."""
-    totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+def evaluate(eval_step, params, source, config, mesh, info, first_batch=None):
+    """Over every example of `source` exactly once: top-1 accuracy and mean loss (SimMIM: the reconstruction
+    loss). `first_batch`: a list that receives the first batch's model inputs (for SimMIM's picture)."""
+    totals = {}
     bad = 0
     for batch in pipeline.eval_batches(source, **pipeline_kwargs(config, info, "eval")):
         bad += int(batch.pop("bad").sum())
-        out = jax.device_get(eval_step(params, to_device(_model_inputs(batch), mesh)))
-        for k in totals:
-            totals[k] += float(out[k])
+        inputs = _model_inputs(batch, config)
+        if first_batch is not None and not first_batch:
+            first_batch.append(inputs)
+        out = jax.device_get(eval_step(params, to_device(inputs, mesh)))
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
     bad = _sum_over_processes(bad)
     if int(totals["count"]) + bad != len(source):
         raise RuntimeError(f"evaluation saw {totals['count']} examples and {bad} bad records; the split has "
                            f"{len(source)}")
-    return {"eval/accuracy": totals["correct"] / max(totals["count"], 1),
-            "eval/loss": totals["loss"] / max(totals["count"], 1), "eval/bad_records": bad}
+    return tasks.eval_metrics(config, totals) | {"eval/bad_records": bad}
 
 
-def _model_inputs(batch):
-    return {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
+def _model_inputs(batch, config):
+    return {k: v for k, v in batch.items() if k in tasks.input_keys(config)}
 
 
 def _sum_over_processes(n):
@@ -167,9 +198,9 @@ def load_data(config):
     module = pipeline.dataset_module(config.input.data)
     ddir = pipeline.data_dir(config.input)
     info = pipeline.dataset_info(module, ddir)
-    train_source = module.load(config.input.get("split", "train"), ddir)
+    train_source = pipeline.load_split(module, config.input.get("split", "train"), ddir)
     eval_split = config.input.get("eval_split")
-    eval_source = module.load(eval_split, ddir) if eval_split else None
+    eval_source = pipeline.load_split(module, eval_split, ddir) if eval_split else None
     size = config.input.image_size  # the preprocess chain brings images to this size
     return info, train_source, eval_source, (size, size, info.channels)
 
@@ -179,6 +210,8 @@ def pipeline_kwargs(config, info, split="train"):
     inp = config.input
     pp = inp.get("pp_train" if split == "train" else "pp_eval") or pipeline.default_pp(
         inp.image_size, info.channels)
+    if tasks.is_simmim(config):  # each example's mask, drawn from its (seed, position) as every random choice
+        pp = f"{pp}|{tasks.mask_op(config)}"
     kw = dict(pp=pp, num_classes=info.num_classes, multi_label=info.multi_label,
               on_bad_record=inp.get("on_bad_record", "skip"),
               process_index=jax.process_index(), process_count=jax.process_count())
@@ -267,9 +300,15 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
         start, run_info = 0, None
         iterator, _ = make_iterator(None)
         if config.get("model_init"):
-            state["params"] = checkpointing.load_params(config.model_init, state["params"], shardings["params"])
-            logging.info("Initialised parameters from %s", config.model_init)
+            state["params"], note = checkpointing.load_params(config.model_init, state["params"],
+                                                              shardings["params"], model)
+            if is_main:
+                print(f"Initialised parameters from {config.model_init}" + (f"; {note}" if note else ""), flush=True)
     writer = MetricsWriter(workdir, resumed_step=start, enabled=is_main)
+    if tasks.is_simmim(config) and start == 0:  # the mask configuration's AvgDist (SimMIM's guide), once per run
+        s = config.simmim
+        writer.write(0, {"simmim/avg_dist": simmim_lib.avg_dist(config.input.image_size, s.get("mask_patch_size", 32),
+                                                                s.get("mask_ratio", 0.6))})
     if is_main:
         (paths.resolve(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
         print(f"{model.__class__.__name__} with {n_params:,} parameters; {jax.device_count()} devices; "
@@ -297,7 +336,8 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
             data_wait += time.perf_counter() - t_wait
             bad_records += int(batch.pop("bad").sum())
             logged = step % config.log_every == 0 or step == total
-            state, metrics = (train_step if logged else quiet_step)(state, to_device(_model_inputs(batch), mesh))
+            state, metrics = (train_step if logged else quiet_step)(state, to_device(_model_inputs(batch, config),
+                                                                                      mesh))
             pending.append((step, metrics))
             # A preemption notice (SIGTERM to any process) makes every process stop at the same step, which JAX's
             # preemption service picks after the notice; that step is saved and logged (without the two norms).
@@ -330,12 +370,19 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
             pending = []
             if do_eval:
                 t_eval = time.perf_counter()
-                ev = evaluate(eval_step, state["params"], eval_source, config, mesh, info)
+                shown = [] if tasks.is_simmim(config) else None
+                ev = evaluate(eval_step, state["params"], eval_source, config, mesh, info, shown)
+                if config.get("evals"):  # on frozen features: few-shot, linear probe (vit22b/train/evaluators.py)
+                    ev.update(evaluators.run(config.evals, model, state["params"], config))
+                if shown and is_main:  # original, masked input, reconstruction
+                    writer.write_image(step, "eval/reconstruction", tasks.reconstruction_picture(
+                        model, jax.device_get(state["params"]), shown[0], config))
                 writer.write(step, ev)
                 last.update(ev)
                 if is_main:
-                    print(f"step {step}/{total} eval/accuracy {ev['eval/accuracy']:.4f} "
-                          f"eval/loss {ev['eval/loss']:.4f} ({len(eval_source)} examples)", flush=True)
+                    accuracy = f"eval/accuracy {ev['eval/accuracy']:.4f} " if "eval/accuracy" in ev else ""
+                    print(f"step {step}/{total} {accuracy}eval/loss {ev['eval/loss']:.4f} "
+                          f"({len(eval_source)} examples)", flush=True)
                 t0 += time.perf_counter() - t_eval  # keep eval time out of the training throughput
             if do_ckpt:
                 checkpointing.save(manager, step, state, iterator, dict(

@@ -99,6 +99,18 @@ class MetricsWriter:
             if k != "step":
                 self.tb.add_scalar(k, v, global_step=step)
 
+    def write_image(self, step, name, image):
+        """An HWC uint8 picture: WORKDIR/images/NAME_STEP.png, and TensorBoard's image NAME at STEP."""
+        if not self.enabled:
+            return
+        from PIL import Image
+        folder = self.path.parent / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+        (folder / f"{name.replace('/', '_')}_{int(step)}.png").write_bytes(buffer.getvalue())
+        self.tb.add_image(name, np.asarray(image, np.uint8), global_step=step, dataformats="HWC")
+
     def close(self):
         if self.enabled:
             self.tb.close()

@@ -1,4 +1,5 @@
-"""One Optax chain built from the config: clip -> optimizer -> decoupled weight decay -> lr schedule.
+"""One Optax chain built from the config: clip -> optimizer -> decoupled weight decay -> layer-wise lr decay
+(`config.layer_decay`, for fine-tuning) -> lr schedule.
 
 Weight decay follows the AdamW convention: each step subtracts lr_t * wd * mult * param, where `mult` comes
 from the first regex in `config.wd_mults` that fully matches the parameter path ('blocks/in_kernel',
@@ -23,6 +24,8 @@ SCHEDULES = {
     "rsqrt": dict(warmup_steps=0, cooldown_steps=0, timescale=10_000),
     "cosine": dict(warmup_steps=0, min_mult=0.0),
     "constant": dict(warmup_steps=0, cooldown_steps=0),
+    # After warm-up, the rate times gamma at each step of `boundaries` passed (SimMIM's pretraining: x0.1 at 7/8).
+    "multistep": dict(warmup_steps=0, boundaries=(), gamma=0.1),
 }
 
 
@@ -51,6 +54,15 @@ def make_schedule(schedule_cfg, total_steps):
             return 1.0 / jnp.sqrt(1.0 + jnp.asarray(step, jnp.float32) / o["timescale"])
     elif kind == "cosine":
         decay = optax.cosine_decay_schedule(1.0, max(total_steps - warmup, 1), alpha=o["min_mult"])
+    elif kind == "multistep":  # boundaries count from the start of the run, as the official epochs do
+        bounds = sorted(int(b) for b in o["boundaries"])
+        if any(not warmup < b <= total_steps for b in bounds):
+            raise ValueError(f"schedule.boundaries: {bounds} must lie after the warm-up ({warmup} steps) and by "
+                             f"total_steps = {total_steps}")
+
+        def decay(step):
+            passed = sum((jnp.asarray(step) + warmup >= b).astype(jnp.float32) for b in bounds)
+            return jnp.asarray(o["gamma"], jnp.float32) ** passed
     else:
         decay = optax.constant_schedule(1.0)
     # Linear warm-up whose first step already trains: (step + 1) / warmup_steps, then the decay from 1.
@@ -128,6 +140,63 @@ def clip_by_global_norm(max_norm):
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def layer_ids(params, model_name):
+    """Each parameter's layer for layer-wise learning-rate decay, as a tree of arrays that broadcast against the
+    parameters (a scanned stack gets one id per block along its leading axis), and the number of blocks n.
+    Swin V2, the official grouping (get_swin_layer): patch embedding and mask token 0, block j of stage i
+    sum(depths[:i]) + j + 1, a stage's downsampling with its last block, the rest (final norm, head) n + 1.
+    ViT, BEiT's: embeddings, class and mask tokens 0, block i i + 1, the rest n + 1."""
+    if model_name == "swinv2":
+        depths = {}  # blocks per stage: unrolled layers_i_blocks_j, or scanned groups of blocks_k under layers_i_blocks
+        for key, sub in params.items():
+            m = re.fullmatch(r"layers_(\d+)_blocks(?:_(\d+))?", key)
+            if m:
+                per_key = 1 if m.group(2) else len(sub) * jax.tree.leaves(sub)[0].shape[0]
+                depths[int(m.group(1))] = depths.get(int(m.group(1)), 0) + per_key
+        first = {i: sum(depths.get(k, 0) for k in range(i)) for i in depths}
+        n = sum(depths.values())
+
+        def swin_id(name, x):
+            if name.startswith(("patch_embed", "mask_token")):
+                return np.zeros(())
+            m = re.match(r"layers_(\d+)_blocks_(\d+)/", name)
+            if m:
+                return np.array(first[int(m.group(1))] + int(m.group(2)) + 1)
+            m = re.match(r"layers_(\d+)_blocks/blocks_(\d+)/", name)
+            if m:  # block j = g * group + k for the stack's index g
+                i, k = int(m.group(1)), int(m.group(2))
+                ids = first[i] + np.arange(x.shape[0]) * len(params[f"layers_{i}_blocks"]) + k + 1
+                return ids.reshape((-1,) + (1,) * (x.ndim - 1))
+            m = re.match(r"layers_(\d+)_downsample/", name)
+            if m:
+                return np.array(first[int(m.group(1))] + depths[int(m.group(1))])
+            return np.array(n + 1)
+        return jax.tree_util.tree_map_with_path(lambda p, x: swin_id(path_name(p), x), params), n
+    n = jax.tree.leaves(params["blocks"])[0].shape[0] if "blocks" in params else sum(
+        1 for k in params if k.startswith("block_"))
+
+    def vit_id(name, x):
+        if name.startswith(("embedding", "pos_embedding", "cls", "mask_token", "pre_norm")):
+            return np.zeros(())
+        if name.startswith("blocks/"):
+            return (np.arange(x.shape[0]) + 1).reshape((-1,) + (1,) * (x.ndim - 1))
+        m = re.match(r"block_(\d+)/", name)
+        return np.array(int(m.group(1)) + 1 if m else n + 1)
+    return jax.tree_util.tree_map_with_path(lambda p, x: vit_id(path_name(p), x), params), n
+
+
+def scale_by_layer_decay(decay, params, model_name):
+    """Updates times decay^(n + 1 - layer): the official layer-wise decay, applied once."""
+    ids, n = layer_ids(params, model_name)
+    scales = jax.tree.map(lambda i: jnp.asarray(decay ** (n + 1 - i), jnp.float32), ids)
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config, params):
     """Returns (optax transformation, lr(step) function giving the absolute learning rate)."""
     sched = make_schedule(config.schedule, config.total_steps)
@@ -141,6 +210,8 @@ def make_optimizer(config, params):
     parts.append(base_optimizer(config.optimizer, dict(config.get("optimizer_kw", {}))))
     if config.get("wd"):
         parts.append(add_decayed_weights(config.wd, wd_multipliers(params, config.wd_mults)))
+    if config.get("layer_decay"):  # after the weight decay: a layer's learning rate scales both
+        parts.append(scale_by_layer_decay(config.layer_decay, params, config.get("model_name", "vit")))
     parts.append(optax.scale_by_schedule(lambda step: -lr_fn(step)))
     return optax.chain(*parts), lr_fn
 

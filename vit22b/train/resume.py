@@ -14,6 +14,7 @@ SAFE_TO_CHANGE = (
     "input.num_workers", "input.num_threads", "input.prefetch", "input.data_dir",
     "input.eval_split", "input.eval_batch_size", "input.pp_eval",
     "model.impl", "model.attention_impl", "model.remat_policy", "model.attn_chunks",
+    "grad_accum_steps",  # the same update from microbatches; the state holds no partial sums
 )
 
 
