@@ -373,10 +373,11 @@ def compare_impls(cases, devices):
 
 
 def test_cpu_impl_equals_reference_on_one_device():
-    """Logits and the gradients of every parameter and of the images, impl='cpu' against the reference: every
-    model in bf16 (the 2x2x2 test below has them in float32; the ViT-22B design without rings in float32 on one
-    device was left out for time)."""
-    cases = [f"{name}|bfloat16|data:1|" for name in WHOLE_MODELS]
+    """Logits and the gradients of every parameter and of the images, impl='cpu' against the reference: the
+    ViT-22B design and Swin V2 in bf16 (the 2x2x2 test below has every model in float32; the classic ViT in bf16,
+    whose kernels are the design's plus LayerNorm's bias, and the ViT-22B design in float32 on one device, were
+    left out for time)."""
+    cases = [f"{name}|bfloat16|data:1|" for name in ("vit22b_design", "swinv2")]
     errors = compare_impls(cases, devices=1)
     assert all(e <= TOLERANCE[c.split("|")[1]] for c, e in errors.items()), errors
 
