@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import CONFIGS, config, override, run_main
+from conftest import config, override
 from vit22b import config_check, models
 from vit22b.tools.memory_report import train_step_memory
-from vit22b.train.metrics import read_metrics
 
 
 def count(variant, img=256, window=8, classes=1000):
@@ -131,17 +130,6 @@ def test_bad_swin_configs_fail_before_compilation(overrides, message):
     with pytest.raises(config_check.ConfigError) as e:
         config_check.validate(c)
     assert message in str(e.value)
-
-
-def test_swinv2_trains_on_the_bundled_data(tmp_path):
-    # log_every=1: one compiled step (the loop compiles a second, norm-free one for steps between logs). The
-    # command line, with optimised machine code: this test's time is in its 100 steps (see conftest). 0.86 was
-    # measured at step 100 (Zen 4, jax 0.12.1); chance is 0.1.
-    r = run_main(f"{CONFIGS}/swinv2_imagenet.py:runlocal", tmp_path, "--config.total_steps=100",
-                 "--config.eval_every=100", "--config.checkpoint_every=100", "--config.log_every=1", optimized=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    evals = [row for row in read_metrics(str(tmp_path)) if "eval/accuracy" in row]
-    assert [row["step"] for row in evals] == [100] and evals[0]["eval/accuracy"] >= 0.75, evals
 
 
 def test_stochastic_depth_is_per_sample_and_off_at_eval():
