@@ -148,3 +148,16 @@ def test_every_config_runs_at_a_tiny_size(name, tmp_path):
 def test_configs_run_elsewhere_are_run_there():
     for name, test_file in RUN_ELSEWHERE.items():
         assert name in ALL_CONFIGS and f'"{name}"' in (CONFIGS.parent / test_file).read_text(), name
+
+
+def test_the_simmim_fashion_mnist_stages():
+    """configs/simmim_fashion_mnist.py (run tiny above): pretraining on every training image without labels, then
+    fine-tuning (layer decay, from `init`) or training from scratch on the first 10% with labels."""
+    pre, fine, scratch = (config("simmim_fashion_mnist", arg) for arg in
+                          ("stage=pretrain", "stage=finetune,init=/tmp/pre/checkpoints/1000", "stage=scratch"))
+    assert pre.simmim.mask_patch_size == 8 and pre.input.split == "train" and not pre.model_init
+    assert fine.input.split == scratch.input.split == "train[:10%]" and "simmim" not in fine
+    assert fine.model_init == "/tmp/pre/checkpoints/1000" and fine.layer_decay == 0.75 and "layer_decay" not in scratch
+    assert fine.total_steps == scratch.total_steps and fine.model == scratch.model
+    with pytest.raises(ValueError, match="config arg stage: 'probe' is not one of"):
+        config("simmim_fashion_mnist", "stage=probe")

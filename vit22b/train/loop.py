@@ -105,12 +105,7 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True)
         # The batch loss is sum(example losses) / normaliser(sum(weights)) (vit22b/train/tasks.py; records the
         # pipeline could not decode weigh 0); each microbatch adds its sum over the whole batch's normaliser, so
         # the sum of their gradients is the whole batch's.
-        if tasks.is_simmim(config):
-            pixels = tasks.simmim.pixel_mask(batch["simmim_mask"], model.encoder.patch_size)
-            weights = (pixels.sum(axis=(1, 2)) * batch["mask"]).sum()
-        else:
-            weights = batch["mask"].sum()
-        count = tasks.normaliser(config, weights)
+        count = tasks.normaliser(config, tasks.batch_weight(model, batch, config))
 
         def loss_fn(params, micro, rng):
             sums, _, _ = tasks.example_losses(model, params, micro, config, train=True, rng=rng, smoothing=smoothing)

@@ -86,6 +86,14 @@ def example_losses(model, params, batch, config, *, train, rng=None, smoothing=0
     return per_example * batch["mask"], batch["mask"], logits
 
 
+def batch_weight(model, batch, config):
+    """The sum of the batch's example weights (as example_losses gives them), without running the model."""
+    if is_simmim(config):
+        pixels = simmim.pixel_mask(batch["simmim_mask"], model.encoder.patch_size).astype(jnp.float32)
+        return (pixels.sum(axis=(1, 2)) * batch["mask"]).sum()
+    return batch["mask"].sum()
+
+
 def normaliser(config, weights):
     """The batch loss's denominator: SimMIM's official sum(mask) + 1e-5, else the number of examples (>= 1)."""
     return weights + 1e-5 if is_simmim(config) else jnp.maximum(weights, 1.0)
