@@ -63,8 +63,9 @@ def get_config(arg=None):
     c.optimizer_kw.eps = 1e-8
     c.lr = 2e-3 if a.runlocal else 5e-4 * a.batch / 512
     c.wd = 0.05
-    # Kernels decay; 1-D parameters (biases, norms, q/v biases), logit_scale and the CPB MLP do not.
-    c.wd_mults = [(".*cpb_mlp.*", 0.0), (".*kernel", 1.0)]
+    # Kernels decay; 1-D parameters (biases, norms, q/v biases), logit_scale and the CPB MLP do not (nor V1's bias
+    # table, with --config.model.position_bias=table: one rule that matches in either model).
+    c.wd_mults = [(".*(cpb_mlp|relative_position_bias_table).*", 0.0), (".*kernel", 1.0)]
     c.grad_clip_norm = 5.0
     warmup = 20 if a.runlocal else 20 * steps_per_epoch
     c.schedule = dict(decay_type="cosine", warmup_steps=warmup, min_mult=5e-6 / 5e-4)

@@ -10,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
+from timm.models.swin_transformer import SwinTransformer as TimmSwinV1  # noqa: E402
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmSwinV2  # noqa: E402
 
 from vit22b.models import convert, vit_weights  # noqa: E402
@@ -63,6 +64,68 @@ def test_swinv2_tiny_window8_256_logits_match_timm(tmp_path):
 
 
 SMALL = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(2, 4, 4, 8), num_classes=7)
+
+
+def perturb_v1_(model, seed=0):
+    """Swin V1 weights away from init: every LayerNorm (blocks, patch merging, stem, final) and the bias tables."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((1 if name.endswith("weight") else 0) + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_swin_v1_tiny_patch4_window7_224_logits_match_timm():
+    """Swin V1 as SwinTransformerV2's switches (pre-norm, dot attention, bias table, V1 merge order), loaded
+    through the converter, which tells V1 by its bias tables and takes window and heads from them."""
+    torch.manual_seed(6)
+    ref_model = perturb_v1_(timm.create_model("swin_tiny_patch4_window7_224", pretrained=False), seed=6)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = ref_model(x).numpy()
+    sd = {k: v.numpy() for k, v in ref_model.state_dict().items()}
+    module, params = convert.load_swinv2("swin_tiny", img_size=224, state_dict=sd, scan=False)  # compiles faster
+    assert (module.norm_position, module.attention, module.position_bias) == ("pre", "dot", "table")
+    assert module.window_size == 7 and tuple(module.num_heads) == (3, 6, 12, 24)
+    assert params["layers_0_downsample"]["norm"]["scale"].shape == (384,)  # LayerNorm(4C) before the reduction
+    out = np.asarray(jax.jit(module.apply)({"params": params}, nhwc(x)))
+    assert np.abs(out - ref).max() < 1e-4, np.abs(out - ref).max()
+
+
+def test_swin_v1_official_layout_and_export_round_trip(tmp_path):
+    """Official Microsoft V1 keys (downsample at stage end, head.weight, persistent index and mask buffers) load
+    like timm's (whose logits the 224 px test checks), a stage smaller than the window with its clamped table;
+    export gives back timm's and the official state dicts exactly, with create_model arguments that build the
+    timm model. A V1 / V2 mix has no export."""
+    torch.manual_seed(7)
+    model = perturb_v1_(TimmSwinV1(img_size=64, window_size=4, **dict(SMALL, depths=(2, 1, 1, 1))), seed=7)
+    timm_sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert timm_sd["layers.3.blocks.0.attn.relative_position_bias_table"].shape == (9, 8)  # 2x2 stage: window 2
+    official, _ = convert.to_official_keys(timm_sd)
+    assert "layers.0.downsample.norm.weight" in official and "head.weight" in official
+    with_buffers = dict(official, **{"layers.0.blocks.1.attn_mask": np.zeros((4, 16, 16), np.float32),
+                                     "layers.0.blocks.0.attn.relative_position_index": np.zeros((16, 16), np.int64)})
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in with_buffers.items()}}, tmp_path / "off.pth")
+    module, params = convert.load_swinv2(save(model, tmp_path), img_size=64)
+    _, p_off = convert.load_swinv2(tmp_path / "off.pth", img_size=64)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, p_off))
+    assert module.window_size == 4 and "layers_0_blocks" in params  # scanned by default
+    assert params["layers_3_blocks_0"]["attn"]["relative_position_bias_table"].shape == (9, 8)
+
+    sd, args = convert.to_timm(module, params)
+    assert args["model_name"] == "swin_tiny_patch4_window7_224" and "pretrained_window_sizes" not in args
+    rebuilt = timm.create_model(**args)
+    rebuilt.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})  # strict
+    assert sd.keys() == timm_sd.keys() and all(np.array_equal(sd[k], timm_sd[k]) for k in sd)
+    off = convert.swinv2_to_state_dict(module, params, "official")
+    assert off.keys() == official.keys() and all(np.array_equal(off[k], official[k]) for k in off)
+    with pytest.raises(convert.CheckpointError, match=r"^model.attention: .* mixes Swin V1"):
+        convert.to_timm(module.clone(attention="cosine"), params)
+    with pytest.raises(convert.CheckpointError, match=r"relative_position_bias_table.*does not fit"):
+        convert.load_swinv2(tmp_path / "off.pth", img_size=64, window_size=8)  # a table does not transfer
 
 
 def test_window_transfer_12_to_16_matches_timm(tmp_path):
@@ -177,10 +240,10 @@ def test_a_truncated_or_foreign_checkpoint_gets_one_line_naming_it(tmp_path, cap
            "patch_embed.proj.weight": torch.zeros(8, 3, 4, 4), "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
            "blocks.1.attn.qkv.weight": torch.zeros(24, 8)}
     torch.save(vit, tmp_path / "vit.pth")
-    with pytest.raises(vit_weights.CheckpointError) as e:  # the Swin V2 loader, given a ViT
+    with pytest.raises(vit_weights.CheckpointError) as e:  # the Swin loader, given a ViT
         convert.load_swinv2(tmp_path / "vit.pth")
     assert str(e.value) == (f"{tmp_path / 'vit.pth'}: this file holds a ViT (cls_token, pos_embed, "
-                            "blocks.N.attn.qkv), not a Swin V2")
+                            "blocks.N.attn.qkv), not a Swin")
     # The command takes it as a ViT, and names what the file does not say or lacks.
     with pytest.raises(SystemExit) as e:
         convert.main(["--checkpoint", str(tmp_path / "vit.pth"), "--out", str(tmp_path / "out")])

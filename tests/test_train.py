@@ -13,7 +13,7 @@ import pytest
 
 from conftest import CONFIGS, REPO, config, cpu_env, main_cmd, run_main
 from vit22b.parallel import sharding
-from vit22b.train import checkpointing, loop
+from vit22b.train import checkpointing, loop, monitors
 from vit22b.train.metrics import MetricsWriter, read_metrics
 
 TOTAL = 80
@@ -180,6 +180,12 @@ def test_digits_training_learns(tmp_path):
     # Steps between logs run without the two norms; every logged row still has them.
     assert [r["step"] for r in rows if "train/loss" in r] == [50, 100, 150, 200, 250, 300]
     assert all(r["train/param_norm"] > 0 and r["train/update_norm"] > 0 for r in rows if "train/loss" in r)
+    # The instability monitors (config.monitors, on by default) on every logged row, per block and summarised.
+    logged = [r for r in rows if "train/loss" in r]
+    for name in ("monitor/max_attn_logit/block_03", "monitor/attn_entropy/map_head", "monitor/residual_rms/block_00",
+                 "monitor/mlp_branch_rms/block_02", "monitor/residual_rms_ratio", "monitor/logits/log_z_mean"):
+        assert all(np.isfinite(r[name]) for r in logged), name
+    assert all(0 < r["monitor/attn_entropy_min"] <= np.log(16) for r in logged)  # 16 tokens: at most ln 16
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     assert (tmp_path / "checkpoints" / "300").is_dir()
     assert json.loads((tmp_path / "config.json").read_text())["input"]["data"] == "digits"
@@ -219,14 +225,17 @@ def test_accumulated_gradients_make_the_whole_batch_update():
 
 
 def test_the_step_without_norms_makes_the_same_update():
+    """The logged step (norms and monitors) and the quiet one: the same update."""
     c, mesh, model, size, batch = tiny_step_setup()
     out = {}
     with sharding.activate(mesh, loop.rules_of(c)):
         for norms in (True, False):
             state, shardings, tx, lr_fn = loop.create_train_state(model, c, mesh, (size, size, 3))
-            step = loop.make_train_step(model, tx, lr_fn, c, shardings, mesh, norms=norms)
+            step = loop.make_train_step(model, tx, lr_fn, c, shardings, mesh, norms=norms,
+                                        monitor=monitors.DEFAULT if norms else ())
             out[norms] = jax.device_get(step(state, loop.to_device(batch, mesh)))
     (full_state, full), (quiet_state, quiet) = out[True], out[False]
+    assert "monitor/residual_rms/block_00" in monitors.flatten(full.pop("monitor"))
     assert set(full) - set(quiet) == {"param_norm", "update_norm"} and set(quiet) <= set(full)
     assert all(quiet[k] == full[k] for k in quiet)
     for a, b in zip(jax.tree.leaves(full_state), jax.tree.leaves(quiet_state)):

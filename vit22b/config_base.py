@@ -45,6 +45,9 @@ def base():
     # >1: each step's gradient summed over this many microbatches of input.batch_size / grad_accum_steps (the same
     # update as the whole batch, in less activation memory).
     c.grad_accum_steps = 1
+    # Instability monitors measured on logged steps (vit22b/train/monitors.py); --config.monitors="()" for none.
+    c.monitors = ("attention", "residual", "logits")
+    c.z_loss = 0.0  # z_loss * logsumexp(logits)^2 added to softmax_xent (1e-4 in arXiv 2309.14322)
     return c
 
 

@@ -6,14 +6,14 @@ import jax
 from vit22b import models
 from vit22b.input import preprocess
 from vit22b.parallel import sharding
-from vit22b.train import losses, optim, resume
+from vit22b.train import losses, monitors, optim, resume
 
 TOP_KEYS = {
     "seed", "total_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
     "model_name", "model", "input", "loss", "label_smoothing",
     "optimizer", "optimizer_kw", "lr", "wd", "wd_mults", "grad_clip_norm", "schedule", "model_init",
     "mesh", "sharding_rules", "optimizer_sharding", "allow_config_change", "grad_accum_steps", "layer_decay",
-    "simmim", "evals",
+    "simmim", "evals", "monitors", "z_loss",
 }
 INPUT_KEYS = {"data", "data_dir", "split", "eval_split", "batch_size", "eval_batch_size", "image_size",
               "num_threads", "prefetch", "num_workers", "pp_train", "pp_eval", "mixup", "on_bad_record"}
@@ -78,6 +78,15 @@ def validate(config, num_devices=None):
     ls = config.get("label_smoothing", 0.0)
     _check(0.0 <= ls < 1.0, "label_smoothing", f"must be in [0, 1), got {ls}")
     _check(config.lr > 0, "lr", f"must be positive, got {config.lr}")
+    z = config.get("z_loss", 0.0)
+    _check(isinstance(z, (int, float)) and z >= 0, "z_loss", f"must be a coefficient >= 0 (0: off), got {z!r}")
+    _check(not z or config.loss == "softmax_xent", "z_loss",
+           f"applies to loss='softmax_xent' (log Z of the softmax), not {config.loss!r}")
+    _check(not z or not config.get("simmim"), "z_loss", "applies to classification logits, not to SimMIM")
+    try:
+        monitors.check(config)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
     decay = config.get("layer_decay") or 0.0
     _check(0.0 <= decay <= 1.0, "layer_decay", f"must be in (0, 1] (0: off), got {decay}")
     _check(config.get("optimizer_sharding", "replicated") in ("replicated", "zero1"), "optimizer_sharding",

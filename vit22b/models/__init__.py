@@ -108,9 +108,15 @@ def _swinv2(cfg, num_classes, image_size):
     kw = dict(num_classes=num_classes, img_size=image_size, **_common(cfg, swinv2.SwinTransformerV2, "swinv2"))
     m = swinv2.SwinTransformerV2(**kw)
     depths, heads = m.depths, m.num_heads
+    for key, choices in (("norm_position", swinv2.NORM_POSITIONS), ("attention", swinv2.ATTENTIONS),
+                         ("position_bias", swinv2.POSITION_BIASES)):  # Swin V1 / V2 switches
+        _check(getattr(m, key) in choices, f"model.{key}", f"{getattr(m, key)!r} is not one of {choices}")
     _check(len(heads) == len(depths), "model.num_heads", f"{len(heads)} entries for {len(depths)} stages")
     _check(len(m.pretrained_window_sizes) == len(depths), "model.pretrained_window_sizes",
            f"{len(m.pretrained_window_sizes)} entries for {len(depths)} stages")
+    _check(m.position_bias == "log_cpb" or not any(m.pretrained_window_sizes), "model.pretrained_window_sizes",
+           f"{tuple(m.pretrained_window_sizes)} rescales the log-spaced coordinates of position_bias 'log_cpb'; "
+           f"the learned table of position_bias 'table' has none (use zeros)")
     reduction = m.patch_size * 2 ** (len(depths) - 1)
     _check(image_size % reduction == 0, "input.image_size",
            f"image size {image_size} is not divisible by patch_size * 2^{len(depths) - 1} = {reduction} "

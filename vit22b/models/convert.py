@@ -1,7 +1,8 @@
 """Weights both ways between PyTorch and our models, and parameters-only exports of training checkpoints.
 
 Import (--to=ours, the default): Swin V2 from official Microsoft `.pth` (also SimMIM's `encoder.` checkpoints with
-the legacy `rpe_mlp` name) and timm state dicts (here); ViTs from timm state dicts and big_vision /
+the legacy `rpe_mlp` name) and timm state dicts, and Swin V1 (told by its `relative_position_bias_table`s) from
+both layouts as well, into SwinTransformerV2's V1 switches (here); ViTs from timm state dicts and big_vision /
 vision_transformer `.npz` (vit22b/models/vit_weights.py). Files are read safely (safetensors, `.npz` without
 pickles, or `torch.load` with `weights_only=True`: a pickle that would run code is refused).
 Export (--to=timm): our parameters as a timm state dict (`.safetensors`, or `.pth`) and the `timm.create_model`
@@ -9,6 +10,7 @@ arguments that load it (beside it as JSON). --to=params: a training checkpoint's
 state, optionally cast to bfloat16), for config.model_init and for sharing.
 
 From Python:   module, params = load_swinv2("swinv2_tiny_patch4_window8_256.pth", img_size=256, window_size=8)
+               module, params = load_swinv2("swin_tiny_patch4_window7_224.pth", img_size=224)  # V1: window from file
                module, params = vit_weights.load_vit("vit_base_patch16_224.safetensors", img_size=384)
 From a shell:  python -m vit22b.models.convert --checkpoint F.pth --variant T --img 256 --window 8 --out DIR
                python -m vit22b.models.convert --checkpoint vit_base_patch16_224.safetensors --out DIR
@@ -124,33 +126,50 @@ def state_dict_to_params(sd, abstract_params):
     return tree
 
 
-def _check_is_swinv2(sd, path):
-    if any(re.match(r"layers\.\d+\.blocks\.\d+\.attn\.logit_scale$", k) for k in sd):
-        return
+V1_SWITCHES = dict(norm_position="pre", attention="dot", position_bias="table")
+V2_SWITCHES = dict(norm_position="post", attention="cosine", position_bias="log_cpb")
+
+
+def swin_version(sd, path):
+    """1 or 2 for an official-layout Swin state dict, told by its attention parameters; else a CheckpointError
+    saying what the file holds."""
+    for version, name in ((2, "logit_scale"), (1, "relative_position_bias_table")):
+        if any(re.match(rf"layers\.\d+\.blocks\.\d+\.attn\.{name}$", k) for k in sd):
+            return version
     vit = [k for k in ("cls_token", "pos_embed") if k in sd] + sorted(
         {re.sub(r"\.\d+\.", ".N.", k.rsplit(".", 1)[0]) for k in sd if re.match(r"blocks\.\d+\.attn\.qkv\.", k)})
     if vit:
-        raise CheckpointError(f"{path}: this file holds a ViT ({', '.join(vit)}), not a Swin V2")
+        raise CheckpointError(f"{path}: this file holds a ViT ({', '.join(vit)}), not a Swin")
     layers = [k for k in sd if k.startswith("layers.")]
-    what = "a Swin V1 (no logit_scale)" if layers else f"no Swin V2 parameters (first keys: {sorted(sd)[:3]})"
-    raise CheckpointError(f"{path}: this file holds {what}, not a Swin V2")
+    what = ("Swin-like layers.* keys without a logit_scale (V2) or relative_position_bias_table (V1)" if layers
+            else f"no Swin parameters (first keys: {sorted(sd)[:3]})")
+    raise CheckpointError(f"{path}: this file holds {what}, not a Swin V1 or V2")
 
 
 def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, state_dict=None, **model_kw):
     """One call from a checkpoint file to a ready `(module, params)`; `module.apply({'params': params},
     images_nhwc)` gives logits. Settings not given (embed_dim, depths, heads, classes) come from the file;
     window_size and pretrained_window_sizes may differ from the checkpoint's (log-spaced CPB transfers).
-    `state_dict`: the file's contents, already read."""
+    A Swin V1 file gives a SwinTransformerV2 with the V1 switches (norm_position 'pre', attention 'dot',
+    position_bias 'table') and, unless given, the window of its bias tables, which do not transfer to another
+    window. `state_dict`: the file's contents, already read."""
     sd, _ = to_official_keys(read_state_dict(path) if state_dict is None else state_dict)
-    _check_is_swinv2(sd, path)
-    cfg = dict(model_kw)
+    v1 = swin_version(sd, path) == 1
+    cfg = {k: v for k, v in model_kw.items() if v is not None}
+    if v1:
+        for key, value in V1_SWITCHES.items():
+            cfg.setdefault(key, value)
+        tables = [v.shape[0] for k, v in sd.items() if k.endswith(".attn.relative_position_bias_table")]
+        # (2W - 1)^2 entries; a stage no larger than the window has a smaller (clamped) one.
+        cfg.setdefault("window_size", (round(max(tables) ** 0.5) + 1) // 2)
     if variant is None and "embed_dim" not in cfg:
         cfg["embed_dim"] = int(sd["patch_embed.proj.weight"].shape[0])
         stages = sorted({int(m.group(1)) for k in sd for m in [re.match(r"layers\.(\d+)\.blocks", k)] if m})
         cfg.setdefault("depths", [1 + max(int(m.group(1)) for k in sd
                                           for m in [re.match(rf"layers\.{i}\.blocks\.(\d+)\.", k)] if m)
                                   for i in stages])
-        cfg.setdefault("num_heads", [int(sd[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0]) for i in stages])
+        cfg.setdefault("num_heads", [int(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]) if v1
+                                     else int(sd[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0]) for i in stages])
         cfg.setdefault("patch_size", int(sd["patch_embed.proj.weight"].shape[-1]))
     if variant is not None:
         cfg["variant"] = variant
@@ -161,12 +180,25 @@ def load_swinv2(path, *, variant=None, img_size=256, num_classes=None, state_dic
     return module, state_dict_to_params(sd, abstract_params(module, img_size, channels))
 
 
+def swin_version_of(module):
+    """1 or 2: which timm / official Swin the module's switches make; a mix of the two has none."""
+    switches = {k: getattr(module, k) for k in V2_SWITCHES}
+    for version, want in ((1, V1_SWITCHES), (2, V2_SWITCHES)):
+        if switches == want:
+            return version
+    odd = V1_SWITCHES if sum(switches[k] == v for k, v in V1_SWITCHES.items()) > 1 else V2_SWITCHES
+    key = next(k for k in odd if switches[k] != odd[k])  # the one switch off the majority's version
+    raise CheckpointError(f"model.{key}: {switches} mixes Swin V1 {V1_SWITCHES} and V2 {V2_SWITCHES}; neither "
+                          f"timm nor the official code has such a model")
+
+
 def swinv2_to_state_dict(module, params, layout="timm"):
-    """Our Swin V2 parameters as a PyTorch state dict (float32 numpy) in timm's key layout (downsample at the start
-    of stages 1..3, head.fc) or the official one (downsample at the end of stages 0..2, head)."""
+    """Our Swin V2 (or V1) parameters as a PyTorch state dict (float32 numpy) in timm's key layout (downsample at
+    the start of stages 1..3, head.fc) or the official one (downsample at the end of stages 0..2, head)."""
     if layout not in ("timm", "official"):
         raise CheckpointError(f"--layout: {layout!r} is not 'timm' or 'official'")
     params = nn.meta.unbox(params)
+    swin_version_of(module)
     if module.extra_norm_every:
         raise CheckpointError("model.extra_norm_every: SwinV2-H/G's extra main-branch norms have no place in "
                               "timm's or the official Swin V2")
@@ -200,10 +232,16 @@ def swinv2_to_state_dict(module, params, layout="timm"):
 
 
 def swinv2_timm_args(module, in_chans=3):
-    return {"model_name": "swinv2_tiny_window8_256", "img_size": module.img_size, "patch_size": module.patch_size,
+    """timm.create_model arguments: timm's SwinTransformerV2, or its SwinTransformer for a V1."""
+    v1 = swin_version_of(module) == 1
+    args = {"model_name": "swin_tiny_patch4_window7_224" if v1 else "swinv2_tiny_window8_256",
+            "img_size": module.img_size, "patch_size": module.patch_size,
             "embed_dim": module.embed_dim, "depths": list(module.depths), "num_heads": list(module.num_heads),
             "window_size": module.window_size, "mlp_ratio": module.mlp_ratio, "num_classes": module.num_classes,
             "pretrained_window_sizes": list(module.pretrained_window_sizes), "in_chans": in_chans}
+    if v1:
+        del args["pretrained_window_sizes"]
+    return args
 
 
 def to_timm(module, params):
@@ -271,15 +309,18 @@ def _import(args):
     path = args.checkpoint
     sd = None if path.endswith(".npz") else read_state_dict(path)  # read once, handed to the loader
     if sd is not None and any(re.search(r"(^|\.)layers\.\d+\.blocks\.\d+\.", k) for k in sd):
-        pws = [int(x) for x in args.pretrained_window_sizes.split(",")]
+        pws = [int(x) for x in args.pretrained_window_sizes.split(",")] if args.pretrained_window_sizes else None
         module, params = load_swinv2(path, variant=args.variant, img_size=args.img or 256,
                                      num_classes=args.num_classes, window_size=args.window,
                                      pretrained_window_sizes=pws, state_dict=sd)
         name, img = "swinv2", module.img_size
         settings = {k: getattr(module, k) for k in ("patch_size", "embed_dim", "depths", "num_heads", "window_size",
                                                      "pretrained_window_sizes")}
-        what = (f"SwinTransformerV2 embed_dim={module.embed_dim} depths={tuple(module.depths)} "
-                f"window={module.window_size} img={img}")
+        v1 = swin_version_of(module) == 1
+        if v1:  # the switches, for config.model_init and re-export
+            settings.update(V1_SWITCHES)
+        what = (f"SwinTransformerV2{' (Swin V1 switches)' if v1 else ''} embed_dim={module.embed_dim} "
+                f"depths={tuple(module.depths)} window={module.window_size} img={img}")
     else:
         model_kw = {"gelu": args.gelu} if args.gelu else {}
         module, params = vit_weights.load_vit(path, img_size=args.img, num_classes=args.num_classes,
@@ -340,8 +381,9 @@ def main(argv=None):
                     ".safetensors (default) or .pth file, with the timm.create_model arguments beside it as .json")
     ap.add_argument("--variant", default=None, choices=sorted(swinv2.VARIANTS), help="Swin V2 import")
     ap.add_argument("--img", type=int, default=None, help="image size (default: the file's; Swin V2: 256)")
-    ap.add_argument("--window", type=int, default=8, help="Swin V2 import: window size")
-    ap.add_argument("--pretrained_window_sizes", default="0,0,0,0", help="Swin V2 import")
+    ap.add_argument("--window", type=int, default=None,
+                    help="Swin import: window size (default: V2 8, V1 the file's)")
+    ap.add_argument("--pretrained_window_sizes", default=None, help="Swin V2 import (default: 0 per stage)")
     ap.add_argument("--num_classes", type=int, default=None, help="import: a new head of this size (0: none)")
     ap.add_argument("--num_heads", type=int, default=None, help="ViT import: heads, where the file cannot say")
     ap.add_argument("--head", default=None, choices=["token", "gap", "map"],

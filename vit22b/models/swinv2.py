@@ -7,6 +7,16 @@ cosine attention without 1/sqrt(d), logit scale clamped at log(100) with the gra
 a zero and untrainable k bias, the -100 shift mask added after the position bias, the clamped window feeding
 the coordinate table, PatchMerging's x0,x1,x2,x3 order with reduction before norm, and zero-initialised block
 norms (every block starts as the identity).
+
+Swin V1 (arXiv 2103.14030; timm's `swin_*` models) is the same module with three switches, which default to V2:
+norm_position='pre' (x + DP(attn(norm1(x))), block norms initialised to ones, and V1's PatchMerging order,
+LayerNorm(4C) then reduction), attention='dot' (q k^T / sqrt(head_dim), a qkv bias, no logit scale) and
+position_bias='table' (a learned [(2W-1)^2, heads] table indexed by the relative position). All three on V1
+settings is timm's SwinTransformer, parameter for parameter (convert.py loads and exports it).
+
+With the monitor collections mutable (vit22b/models/monitors.py), each block sows the largest attention logit,
+the attention entropy and (cosine attention) the largest logit scale, and the RMS of the residual stream and of
+each branch's contribution.
 """
 import math
 from typing import Any, Sequence
@@ -16,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit22b.models import monitors
 from vit22b.models.layers import REFERENCE, Dense, Norm, Ops, PatchEmbed, ops
 from vit22b.models.vit import REMAT_POLICIES
 
@@ -35,6 +46,11 @@ EXTRA_NORM_EVERY = {"H": 6, "G": 6}  # paper: "an additional layer normalization
 LN_EPS = 1e-5
 ACT = ("batch", "height", "width", "act_embed")  # activations: batch-sharded only
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
+NORM_POSITIONS = ("post", "pre")  # V2 res-post-norm, V1 pre-norm
+ATTENTIONS = ("cosine", "dot")  # V2 scaled cosine, V1 scaled dot product
+POSITION_BIASES = ("log_cpb", "table")  # V2 log-spaced continuous bias (an MLP), V1 learned table
+# Scanned stages stack the sown monitors over their groups as they stack the parameters.
+SCAN_AXES = {"params": 0, monitors.ATTENTION: 0, monitors.RESIDUAL: 0}
 
 dense_init = nn.initializers.normal(0.02)  # torch trunc_normal_(std=.02) cuts at +-2 absolute: ~ untruncated
 
@@ -113,7 +129,8 @@ def clamp_logit_scale(s):
 
 
 class WindowAttention(nn.Module):
-    """Scaled cosine attention with log-spaced continuous position bias, over [B, nW, N, C] windows."""
+    """Scaled cosine attention with log-spaced continuous position bias, over [B, nW, N, C] windows; V1's scaled
+    dot product (attention='dot') and learned bias table (position_bias='table') as switches."""
     dim: int
     num_heads: int
     window: int
@@ -122,34 +139,57 @@ class WindowAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     ops: Ops = REFERENCE
+    attention: str = "cosine"  # or "dot" (V1)
+    position_bias: str = "log_cpb"  # or "table" (V1)
 
     @nn.compact
     def __call__(self, x, mask=None):
         c, h, ops = self.dim, self.num_heads, self.ops
-        qkv = linear(3 * c, "qkv", self.dtype, self.param_dtype, ops, use_bias=False, axes=("embed", "fused"))
-        q_bias = self.param("q_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
-        v_bias = self.param("v_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
-        logit_scale = self.param("logit_scale", _p(nn.initializers.constant(math.log(10.0)), ("heads", None, None)),
-                                 (h, 1, 1), self.param_dtype)
-        table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
-        hidden = nn.relu(linear(512, "cpb_mlp_0", jnp.float32, self.param_dtype, ops, axes=(None, "mlp"))(table))
-        bias_table = linear(h, "cpb_mlp_2", jnp.float32, self.param_dtype, ops, use_bias=False,
-                            axes=("mlp", "heads"))(hidden).reshape(-1, h)
         n = self.window * self.window
-        rpb = bias_table[relative_position_index(self.window).reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)
-        rpb = 16.0 * jax.nn.sigmoid(rpb)  # (nH, N, N)
-        scale = jnp.exp(clamp_logit_scale(logit_scale.astype(jnp.float32))).reshape(h, 1)
-        bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
-        t = ops.add_bias(qkv(x), bias_qkv)
+        index = relative_position_index(self.window).reshape(-1)
+        if self.position_bias == "table":  # V1: one learned logit bias per relative position and head
+            bias_table = self.param("relative_position_bias_table", _p(dense_init, (None, "heads")),
+                                    ((2 * self.window - 1) ** 2, h), self.param_dtype).astype(jnp.float32)
+            rpb = bias_table[index].reshape(n, n, h).transpose(2, 0, 1)  # (nH, N, N)
+        else:
+            table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
+            hidden = nn.relu(linear(512, "cpb_mlp_0", jnp.float32, self.param_dtype, ops, axes=(None, "mlp"))(table))
+            bias_table = linear(h, "cpb_mlp_2", jnp.float32, self.param_dtype, ops, use_bias=False,
+                                axes=("mlp", "heads"))(hidden).reshape(-1, h)
+            rpb = 16.0 * jax.nn.sigmoid(bias_table[index].reshape(n, n, h).transpose(2, 0, 1))  # (nH, N, N)
+        if self.attention == "dot":  # V1: an ordinary qkv bias (k's included)
+            t = linear(3 * c, "qkv", self.dtype, self.param_dtype, ops, axes=("embed", "fused"))(x)
+        else:
+            qkv = linear(3 * c, "qkv", self.dtype, self.param_dtype, ops, use_bias=False, axes=("embed", "fused"))
+            q_bias = self.param("q_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
+            v_bias = self.param("v_bias", _p(nn.initializers.zeros, ("embed",)), (c,), self.param_dtype)
+            logit_scale = self.param("logit_scale",
+                                     _p(nn.initializers.constant(math.log(10.0)), ("heads", None, None)),
+                                     (h, 1, 1), self.param_dtype)
+            scale = jnp.exp(clamp_logit_scale(logit_scale.astype(jnp.float32))).reshape(h, 1)
+            bias_qkv = jnp.concatenate([q_bias, jnp.zeros_like(v_bias), v_bias])
+            t = ops.add_bias(qkv(x), bias_qkv)
         b, nw = t.shape[:2]
         t = t.reshape(b * nw, n, 3, h, c // h)  # the windows of all images form the batch
         # Logit bias [G, nH, N, N] for window i % G: the relative-position bias, plus the shift mask per window.
         bias = rpb[None] if mask is None else rpb[None] + mask[:, None]
 
-        def core(t, bias):  # cosine similarity times the head's scale: unit q and k, no 1/sqrt(head_dim)
-            q = (unit_vectors(t[:, :, 0]) * scale).astype(t.dtype)
-            k = unit_vectors(t[:, :, 1]).astype(t.dtype)
-            return ops.attention(q, k, t[:, :, 2], bias=bias, scale=1.0, precision=jax.lax.Precision.HIGHEST)
+        def query_key(t):  # (q, k, scale of q k^T)
+            if self.attention == "dot":
+                return t[:, :, 0], t[:, :, 1], (c // h) ** -0.5
+            # Cosine similarity times the head's scale: unit q and k, no 1/sqrt(head_dim).
+            return unit_vectors(t[:, :, 0]) * scale, unit_vectors(t[:, :, 1]), 1.0
+
+        if monitors.wanted(self, monitors.ATTENTION):  # the whole stage at once, whatever attn_chunks says
+            q, k, s = query_key(t)
+            monitors.record_attention(self, q, k, scale=s, bias=rpb[None], mask=mask)
+            if self.attention == "cosine":
+                monitors.record(self, monitors.ATTENTION, "logit_scale_max", jnp.max(scale))
+
+        def core(t, bias):
+            q, k, s = query_key(t)
+            return ops.attention(q.astype(t.dtype), k.astype(t.dtype), t[:, :, 2], bias=bias, scale=s,
+                                 precision=jax.lax.Precision.HIGHEST)
 
         chunks = self.attn_chunks
         if chunks <= 1:
@@ -201,7 +241,8 @@ def effective_window(resolution, window, shift):
 
 
 class SwinBlock(nn.Module):
-    """Res-post-norm block: x + DP(norm1(attn(x))), then + DP(norm2(mlp(x)))."""
+    """Res-post-norm block (V2): x + DP(norm1(attn(x))), then + DP(norm2(mlp(x))), block norms zero-initialised;
+    norm_position='pre' (V1): x + DP(attn(norm1(x))), then + DP(mlp(norm2(x))), block norms initialised to ones."""
     num_heads: int
     window: int
     shift: int
@@ -212,29 +253,45 @@ class SwinBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     ops: Ops = REFERENCE
+    norm_position: str = "post"  # or "pre" (V1)
+    attention: str = "cosine"
+    position_bias: str = "log_cpb"
 
     @nn.compact
     def __call__(self, x, drop_rate=0.0, deterministic=True):
         x = nn.with_logical_constraint(x, ACT)
         b, hh, ww, c = x.shape
         window, shift = effective_window((hh, ww), self.window, self.shift)
+        pre = self.norm_position == "pre"
+        norm1, norm2 = (layer_norm(name, self.dtype, self.param_dtype, self.ops, zero=not pre)
+                        for name in ("norm1", "norm2"))
         shortcut = x
+        if pre:
+            x = norm1(x)
         if shift:
             x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
         mask = jnp.asarray(shift_mask(hh, ww, window, shift)) if shift else None
         attn = WindowAttention(c, self.num_heads, window, self.pretrained_window, self.attn_chunks, self.dtype,
-                               self.param_dtype, self.ops, name="attn")
-        x = window_reverse(attn(window_partition(x, window), mask), window, hh, ww)
+                               self.param_dtype, self.ops, attention=self.attention,
+                               position_bias=self.position_bias, name="attn")
+        a = window_reverse(attn(window_partition(x, window), mask), window, hh, ww)
         if shift:
-            x = jnp.roll(x, (shift, shift), axis=(1, 2))
+            a = jnp.roll(a, (shift, shift), axis=(1, 2))
         def dp(y):
             return drop_path(y, drop_rate, deterministic, None if deterministic else self.make_rng("dropout"))
 
-        x = shortcut + dp(layer_norm("norm1", self.dtype, self.param_dtype, self.ops, zero=True)(x))
-        y = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, self.ops, name="mlp")(x)
-        x = x + dp(layer_norm("norm2", self.dtype, self.param_dtype, self.ops, zero=True)(y))
+        mlp = Mlp(int(c * self.mlp_ratio), self.dtype, self.param_dtype, self.ops, name="mlp")
+        if not pre:
+            a = norm1(a)
+        x = shortcut + dp(a)
+        y = mlp(norm2(x)) if pre else norm2(mlp(x))
+        x = x + dp(y)
         if self.extra_norm:
             x = layer_norm("norm3", self.dtype, self.param_dtype, self.ops)(x)
+        if monitors.wanted(self, monitors.RESIDUAL):  # what each branch adds, before drop-path, and the output
+            monitors.record(self, monitors.RESIDUAL, "residual_rms", monitors.rms(x))
+            monitors.record(self, monitors.RESIDUAL, "attn_branch_rms", monitors.rms(a))
+            monitors.record(self, monitors.RESIDUAL, "mlp_branch_rms", monitors.rms(y))
         return nn.with_logical_constraint(x, ACT)
 
 
@@ -257,10 +314,12 @@ class SwinBlockGroup(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """V2 merge: concat the 2x2 neighbours (x0, x1, x2, x3), reduce 4C -> 2C, then LayerNorm."""
+    """V2 merge: concat the 2x2 neighbours (x0, x1, x2, x3), reduce 4C -> 2C, then LayerNorm(2C). The order follows
+    norm_position: 'pre' is V1's LayerNorm(4C) then reduction (same parameter names, a norm of 4C)."""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     ops: Ops = REFERENCE
+    norm_position: str = "post"
 
     @nn.compact
     def __call__(self, x):
@@ -268,8 +327,9 @@ class PatchMerging(nn.Module):
         # [x0 | x1 | x2 | x3] = x[2i + r, 2j + s] for (r, s) = (0, 0), (1, 0), (0, 1), (1, 1): slot 2s + r. One
         # transpose, whose gradient is one transpose; four strided slices differentiate into four padded copies.
         x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
-        x = linear(2 * c, "reduction", self.dtype, self.param_dtype, self.ops, use_bias=False)(x)
-        return layer_norm("norm", self.dtype, self.param_dtype, self.ops)(x)
+        norm = layer_norm("norm", self.dtype, self.param_dtype, self.ops)
+        reduction = linear(2 * c, "reduction", self.dtype, self.param_dtype, self.ops, use_bias=False)
+        return reduction(norm(x)) if self.norm_position == "pre" else norm(reduction(x))
 
 
 class SwinTransformerV2(nn.Module):
@@ -294,6 +354,10 @@ class SwinTransformerV2(nn.Module):
     attention_impl: str = "auto"  # vit22b/models/attention.py
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # Swin V1 as switches (module docstring); the PatchMerging order follows norm_position.
+    norm_position: str = "post"  # or "pre"
+    attention: str = "cosine"  # or "dot"
+    position_bias: str = "log_cpb"  # or "table"
 
     def group_size(self, depth):
         """Blocks per scanned group for a stage of `depth` blocks, or None to unroll the stage."""
@@ -337,14 +401,15 @@ class SwinTransformerV2(nn.Module):
             kw = dict(num_heads=heads, window=self.window_size, shift=self.window_size // 2,
                       pretrained_window=self.pretrained_window_sizes[i], mlp_ratio=self.mlp_ratio,
                       attn_chunks=self.attn_chunks if i < self.attn_chunk_stages else 1,
-                      dtype=self.dtype, param_dtype=self.param_dtype, ops=layer_ops)
+                      dtype=self.dtype, param_dtype=self.param_dtype, ops=layer_ops,
+                      norm_position=self.norm_position, attention=self.attention, position_bias=self.position_bias)
             stage_rates = rates[sum(self.depths[:i]):sum(self.depths[:i + 1])]
             g = self.group_size(depth)
             if g:
                 group = SwinBlockGroup
                 if policy is not None:
                     group = nn.remat(SwinBlockGroup, policy=policy, prevent_cse=False)
-                stack = nn.scan(group, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                stack = nn.scan(group, variable_axes=SCAN_AXES, split_rngs={"params": True, "dropout": True},
                                 length=depth // g, metadata_params={nn.PARTITION_NAME: "layers"})
                 extra = bool(self.extra_norm_every) and g == self.extra_norm_every
                 x, _ = stack(g, kw, extra, not train, name=f"layers_{i}_blocks")(
@@ -357,7 +422,8 @@ class SwinTransformerV2(nn.Module):
                               name=f"layers_{i}_blocks_{j}")(x, float(stage_rates[j]), not train)
             features.append(x)
             if i < len(self.depths) - 1:
-                x = PatchMerging(self.dtype, self.param_dtype, layer_ops, name=f"layers_{i}_downsample")(x)
+                x = PatchMerging(self.dtype, self.param_dtype, layer_ops, self.norm_position,
+                                 name=f"layers_{i}_downsample")(x)
         x = layer_norm("norm", self.dtype, self.param_dtype, layer_ops)(x)
         if return_features:  # per-stage maps (strides 4, 8, 16, 32) for dense prediction, plus the final norm
             return features[:-1] + [x]

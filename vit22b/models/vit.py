@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vit22b.parallel import collective, sharding
+from vit22b.models import monitors
 from vit22b.models.layers import REFERENCE, Dense, Norm, NormParams, Ops, PatchEmbed, ops
 
 # width, depth, mlp_dim, num_heads. Ti..e from big_vision's decode_variant (arXiv 2106.04560, Table 2);
@@ -86,10 +87,11 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
     return jnp.asarray(pe, jnp.float32)[None]
 
 
-def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None, ops=REFERENCE):
+def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None, ops=REFERENCE, module=None):
     """The parallel block's math on one device's share; used as is by XLA's partitioner ('xla') and inside
     `jax.shard_map` ('collective', where `ring` = dict(axis=..., bidirectional=...) and x, the weights' fused
-    dimension and the heads are this device's chunks).
+    dimension and the heads are this device's chunks). `module`: the block, to sow monitors into (outside
+    shard_map only).
 
     Fused layout, head-major: column group j of in_kernel [d, h * (3 dh + m/h)] is head j's [q | k | v] and its
     m/h MLP units; out_kernel's rows [h * (dh + m/h), d] match. A contiguous split over the model axis hands each
@@ -115,14 +117,28 @@ def parallel_block_apply(x, p, *, num_heads, norm, qk_norm, dtype, ring=None, op
     if qk_norm:  # per head, after the projection, over head_dim; device-local
         q = ops.normalize(q, p["q_norm"], norm, dtype)
         k = ops.normalize(k, p["k_norm"], norm, dtype)
+    if module is not None:
+        monitors.record_attention(module, q, k, scale=dh ** -0.5)
+        if qk_norm:
+            monitors.record_qk_gain(module, p["q_norm"]["scale"], p["k_norm"]["scale"])
     u = ops.concatenate((ops.attention(q, k, v), ops.gelu(hidden)), -1)
+    if module is not None and monitors.wanted(module, monitors.RESIDUAL):
+        # The two branches share the fused out-projection: split its rows per head into attention and MLP parts.
+        w = p["out_kernel"].reshape(h, -1, d)
+        for name, part, rows in (("attn_branch_rms", u[..., :dh], w[:, :dh]), ("mlp_branch_rms", u[..., dh:],
+                                                                               w[:, dh:])):
+            monitors.record(module, monitors.RESIDUAL, name, monitors.rms(
+                jnp.einsum("...hf,hfd->...d", part, rows.astype(part.dtype))))
     u = u.reshape(u.shape[:-2] + (-1,))
     if ring:
         out = collective.matmul_reducescatter(u, p["out_kernel"], axis, bidirectional=ring["bidirectional"],
                                               dtype=dtype).astype(dtype)
     else:
         out = ops.dense(u, p["out_kernel"], dtype)
-    return x + ops.add_bias(out, p["out_bias"])
+    x = x + ops.add_bias(out, p["out_bias"])
+    if module is not None:
+        monitors.record(module, monitors.RESIDUAL, "residual_rms", monitors.rms(x))
+    return x
 
 
 class ParallelBlock(nn.Module):
@@ -131,7 +147,8 @@ class ParallelBlock(nn.Module):
     in_kernel  [d, 3d + m] and out_kernel [d + m, d], head-major (see `parallel_block_apply`).
     parallel_linear='xla' lets XLA's partitioner place the collectives; 'collective' runs the block in
     `jax.shard_map` with the activations split on features over the `heads` mesh axis and the two fused
-    matmuls as all-gather and reduce-scatter rings (vit22b/parallel/collective.py), heads device-local.
+    matmuls as all-gather and reduce-scatter rings (vit22b/parallel/collective.py), heads device-local. A monitor
+    pass (vit22b/models/monitors.py) takes the 'xla' path: the same math, with the statistics sown from the block.
     """
     num_heads: int
     mlp_dim: int
@@ -163,9 +180,10 @@ class ParallelBlock(nn.Module):
                                   dtype=self.dtype, ops=self.ops)
         mesh = jax.sharding.get_abstract_mesh()
         axis = nn.logical_to_mesh_axes(("heads",))[0] if not mesh.empty else None
-        if self.parallel_linear != "collective" or not isinstance(axis, str):
+        monitored = any(monitors.wanted(self, c) for c in monitors.COLLECTIONS)
+        if self.parallel_linear != "collective" or not isinstance(axis, str) or monitored:
             x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-            return apply(x, p), None
+            return apply(x, p, module=self), None
         pallas = getattr(self.ops.attention, "keywords", {}).get("impl") == "pallas"
         return _collective_block(apply, x, p, mesh, axis, self.collective_ring == "bidirectional", pallas), None
 
@@ -214,10 +232,15 @@ class SequentialBlock(nn.Module):
         if self.qk_norm:
             q = make_norm(self.norm, self.dtype, self.param_dtype, "q_norm", ("kv",), ops)(q)
             k = make_norm(self.norm, self.dtype, self.param_dtype, "k_norm", ("kv",), ops)(k)
+        monitors.record_attention(self, q, k, scale=(d // h) ** -0.5)
+        if self.qk_norm:
+            monitors.record_qk_gain(self, self.variables["params"]["q_norm"]["scale"],
+                                    self.variables["params"]["k_norm"]["scale"])
         a = ops.attention(q, k, v).reshape(x.shape[:-1] + (d,))
         a = ops.dense(a, self.param("attn_out_kernel", _p(xavier, ("heads", "embed")), (d, d), self.param_dtype),
                   self.dtype)
         a = ops.add_bias(a, self.param("attn_out_bias", _p(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype))
+        monitors.record(self, monitors.RESIDUAL, "attn_branch_rms", monitors.rms(a))
         x = x + a
         y = make_norm(self.norm, self.dtype, self.param_dtype, "norm2", ops=ops)(x)
         hidden = ops.dense(y, self.param("mlp_in_kernel", _p(xavier, ("embed", "mlp")), (d, m), self.param_dtype),
@@ -229,6 +252,8 @@ class SequentialBlock(nn.Module):
                                        self.param_dtype), self.dtype)
         out = ops.add_bias(out, self.param("mlp_out_bias", _p(nn.initializers.normal(1e-6), ("embed",)), (d,),
                                        self.param_dtype))
+        monitors.record(self, monitors.RESIDUAL, "mlp_branch_rms", monitors.rms(out))
+        monitors.record(self, monitors.RESIDUAL, "residual_rms", monitors.rms(x + out))
         return x + out, None
 
 
@@ -276,6 +301,7 @@ class MAPAttention(nn.Module):
         q = project("query", (d,), heads, ("embed", "heads", "kv"))(inputs_q)
         k = project("key", (d,), heads, ("embed", "heads", "kv"))(inputs_kv)
         v = project("value", (d,), heads, ("embed", "heads", "kv"))(inputs_kv)
+        monitors.record_attention(self, q, k, scale=(d // h) ** -0.5)
         return project("out", heads, (d,), ("heads", "kv", "embed"))(self.ops.attention(q, k, v))
 
 
@@ -381,7 +407,8 @@ class ViT(nn.Module):
 
         block_cls, kw = self._block()
         if self.scan:
-            stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+            stack = nn.scan(block_cls, variable_axes={"params": 0, **{c: 0 for c in monitors.COLLECTIONS}},
+                            split_rngs={"params": True},
                             length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**kw, name="blocks")(x, None)
         else:

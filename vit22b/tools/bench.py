@@ -18,6 +18,8 @@ prints its line and the ratio; `--pairs=N` adds N single steps of each, alternat
 `--vs_impl=IMPL --pairs=N` alternates N single steps with the same config at model.impl=IMPL, compiled in this
 process (e.g. the XLA:CPU kernels against the reference: --config.model.impl=cpu --vs_impl=reference); it may be
 repeated: each round steps ours and every IMPL once, in rotating order; `paired` holds one summary per IMPL.
+`--logged` times the step of log steps (the two norms and config.monitors); `--vs_monitors_off --pairs=N` alternates
+with the same step at config.monitors=() (the monitors' cost: none between log steps, one forward pass on them).
 `--breakdown` adds where a traced step's time goes (the median of three; vit22b/tools/breakdown.py): matmuls and
 batched matmuls (time, GFLOP, GFLOP/s), the rest, idle, and the costliest of the rest by op name.
 """
@@ -38,7 +40,7 @@ from vit22b.tools import breakdown as step_breakdown
 from vit22b import config_check, models
 from vit22b.parallel import planner, sharding
 from vit22b.tools import hugepages
-from vit22b.train import loop
+from vit22b.train import loop, monitors
 from vit22b.tools import host_cpu
 
 FLAGS = flags.FLAGS
@@ -128,8 +130,10 @@ def peak_memory_bytes(compiled):
                - mem.alias_size_in_bytes)
 
 
-def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=None, pairs=0, memory_limit=None):
-    """One result dict for `config` (see the module docstring); with `breakdown`, also where a traced step's
+def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=None, pairs=0, memory_limit=None,
+          logged=False):
+    """One result dict for `config` (see the module docstring); `logged`: time the step the loop runs on log steps
+    (with param_norm, update_norm and config.monitors) instead of the one between them; with `breakdown`, also where a traced step's
     time goes (vit22b/tools/breakdown.py); with `pairs`, also `paired`: that many of our steps alternated one by one
     with calls of `partner` (which runs and times one step of another implementation, in seconds). With
     `memory_limit` (bytes), a step whose compiled peak exceeds it raises DoesNotFit before it runs."""
@@ -157,8 +161,9 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
             step = jax.jit(lambda p, x: model.apply({"params": p}, x))
             args = (state["params"], data["image"])
         else:
-            # The step the loop runs between log steps (without param_norm and update_norm).
-            step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)
+            # The step the loop runs between log steps (without param_norm, update_norm and monitors), or on them.
+            step = loop.make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=logged,
+                                        monitor=monitors.kinds(config) if logged else ())
             args = (state, data)
         t = time.perf_counter()
         compiled = step.lower(*args).compile()
@@ -203,7 +208,8 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
     return {
         "framework": "vit22b", "model": config.get("model_name", "vit"),
         "variant": config.model.get("variant") or _shape_name(model), "mode": "forward" if forward else "train",
-        "impl": str(config.model.get("impl", "reference")),
+        "impl": str(config.model.get("impl", "reference")), "step": "logged" if logged else "between logs",
+        "monitors": list(monitors.kinds(config)),
         "batch": batch, "image_size": size, "dtype": dtype, "param_dtype": str(config.model.get("param_dtype", "float32")),
         "devices": jax.device_count(), "threads": os.cpu_count(), "host_memory": hugepages.status(),
         "host_cpu": host_cpu.info() | {"bf16_dots": host_cpu.bf16_dots_mode(jax.default_backend())},
@@ -221,13 +227,19 @@ def bench(config, steps=5, forward=False, warmup=2, breakdown=False, partner=Non
 def impl_partner(config, impl):
     """A function that times one train step of `config` at model.impl=`impl` (in seconds), built, initialised and
     compiled at its first call, inside the caller's mesh and rules (as `bench`'s own step)."""
+    return variant_partner(config, lambda c: c.model.update(impl=impl))
+
+
+def variant_partner(config, edit, logged=False):
+    """As `impl_partner`, for the config that `edit(copy)` makes of a copy (e.g. config.monitors = ()), and the
+    logged step where `logged`."""
     step = None
 
     def once():
         nonlocal step
         if step is None:
             other = config.copy_and_resolve_references()
-            other.model.impl = impl
+            edit(other)
             model = loop.build_model(other, 1000)
             mesh = sharding.make_mesh(other.get("mesh", "data:-1"))
             size = other.input.image_size
@@ -237,7 +249,8 @@ def impl_partner(config, impl):
             data = loop.to_device({"image": rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
                                     "label": rng.integers(0, 1000, batch).astype(np.int32),
                                     "mask": np.ones(batch, np.float32)}, mesh)
-            compiled = loop.make_train_step(model, tx, lr_fn, other, shardings, mesh, norms=False).lower(
+            compiled = loop.make_train_step(model, tx, lr_fn, other, shardings, mesh, norms=logged,
+                                            monitor=monitors.kinds(other) if logged else ()).lower(
                 state, data).compile()
             step = [compiled, state, data]
             for _ in range(2):  # warm-up
@@ -378,7 +391,10 @@ def main(argv):
         step_breakdown.require_cpu()  # before minutes of compiling
     if FLAGS.vs and FLAGS.vs_impl:
         raise app.UsageError("--vs=timm and --vs_impl: one partner at a time")
-    if FLAGS.pairs and not (FLAGS.vs == "timm" or FLAGS.vs_impl):  # bench() checks the number itself
+    if FLAGS.vs_monitors_off and (FLAGS.vs or FLAGS.vs_impl or FLAGS.forward or not FLAGS.pairs):
+        raise app.UsageError("--vs_monitors_off: alternates train steps with config.monitors=(); give --pairs=N "
+                             "and no --vs, --vs_impl or --forward")
+    if FLAGS.pairs and not (FLAGS.vs == "timm" or FLAGS.vs_impl or FLAGS.vs_monitors_off):  # bench() checks the number itself
         raise app.UsageError(f"--pairs={FLAGS.pairs}: expected 0, or a number of single steps to alternate with "
                              "timm's (with --vs=timm) or another model.impl's (with --vs_impl)")
     if FLAGS.vs_impl and (FLAGS.forward or not FLAGS.pairs):
@@ -387,14 +403,18 @@ def main(argv):
         models.resolve(config.get("model_name", "vit"), dict(config.model, impl=impl), 1000, config.input.image_size)
     if FLAGS.vs == "timm":
         timm_name(config)  # an unknown equivalent fails before minutes of compiling
-    if FLAGS.vs_impl:
+    if FLAGS.vs_monitors_off:
+        partner = contextlib.nullcontext({"monitors_off": variant_partner(
+            config, lambda c: setattr(c, "monitors", ()), FLAGS.logged)})
+    elif FLAGS.vs_impl:
         partner = contextlib.nullcontext({impl: impl_partner(config, impl) for impl in FLAGS.vs_impl})
     elif FLAGS.pairs:
         partner = serving_partner(_timm_command(config, FLAGS.steps, FLAGS.forward))
     else:
         partner = contextlib.nullcontext()
     with partner as step:
-        ours = bench(config, FLAGS.steps, FLAGS.forward, breakdown=FLAGS.breakdown, partner=step, pairs=FLAGS.pairs)
+        ours = bench(config, FLAGS.steps, FLAGS.forward, breakdown=FLAGS.breakdown, partner=step, pairs=FLAGS.pairs,
+                     logged=FLAGS.logged)
     print(json.dumps(ours), flush=True)
     if FLAGS.vs == "timm":
         theirs = run_timm(config, FLAGS.steps, FLAGS.forward)
@@ -420,6 +440,10 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("vs_impl", [], "With --pairs, alternate single train steps with the same config at "
                               "this model.impl (e.g. 'reference', 'cpu', 'cpu:-gelu'), compiled in this process; "
                               "repeated, in rounds with each, the order rotating (`paired` by model.impl).")
+    flags.DEFINE_bool("logged", False, "Time the step the loop runs on log steps (with the two norms and "
+                      "config.monitors) instead of the one between them.")
+    flags.DEFINE_bool("vs_monitors_off", False, "With --pairs, alternate single train steps with the same config at "
+                      "config.monitors=() (the same step kind: between logs, or --logged).")
     flags.DEFINE_bool("breakdown", False, "Also trace three more steps and split the median one's time among "
                       "matmuls, batched matmuls and the rest (XLA:CPU only; vit22b/tools/breakdown.py).")
     flags.mark_flags_as_required(["config"])

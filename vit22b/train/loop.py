@@ -20,7 +20,7 @@ from vit22b import config_check, paths
 from vit22b.input import pipeline, preprocess
 from vit22b.parallel import sharding
 from vit22b.models import simmim as simmim_lib
-from vit22b.train import checkpointing, evaluators, optim, resume, tasks
+from vit22b.train import checkpointing, evaluators, monitors, optim, resume, tasks
 from vit22b.train.metrics import MetricsWriter
 
 
@@ -91,13 +91,15 @@ def abstract_batch(batch_size, image_shape, num_classes, multi_label=False, conf
     return batch | {"label": jax.ShapeDtypeStruct(*label)}
 
 
-def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True):
+def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True, monitor=()):
     """The jitted step; trace, lower and call it inside `sharding.activate(mesh, rules)`.
 
     Its metrics are loss, grad_norm and lr, plus param_norm and update_norm when `norms`. Those two cost two
     extra passes over the parameters, and the update tree is then written out instead of fused into the
     parameter update: 65 ms of a 2.8 s ViT-B/16 bf16 step on 2 CPU cores. So `run` uses the variant
-    without them between log steps."""
+    without them between log steps. `monitor`: names from config.monitors, measured on the first microbatch
+    before the update (vit22b/train/monitors.py) and returned under metrics["monitor"]; `run` asks for them on
+    logged steps only."""
     smoothing = config.get("label_smoothing", 0.0)
     accum = config.get("grad_accum_steps", 1)
 
@@ -129,11 +131,16 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True)
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
         loss, grads = loss_and_grads(state["params"], batch, rng)
+        if monitor:  # microbatch 0 as loss_and_grads splits the batch
+            first = batch if accum == 1 else jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:])[:, 0], batch)
+            monitored = monitors.compute(model, state["params"], first, config, monitor)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr_fn(state["step"])}
         if norms:
             metrics.update(param_norm=optax.tree.norm(params), update_norm=optax.tree.norm(updates))
+        if monitor:
+            metrics["monitor"] = monitored
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
 
@@ -309,7 +316,7 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
         print(f"{model.__class__.__name__} with {n_params:,} parameters; {jax.device_count()} devices; "
               f"steps {start}..{config.total_steps}", flush=True)
 
-    train_step = make_train_step(model, tx, lr_fn, config, shardings, mesh)
+    train_step = make_train_step(model, tx, lr_fn, config, shardings, mesh, monitor=monitors.kinds(config))
     quiet_step = make_train_step(model, tx, lr_fn, config, shardings, mesh, norms=False)  # compiled on first use
     eval_step = make_eval_step(model, config, shardings["params"], mesh)
 
@@ -349,7 +356,8 @@ def _train(config, workdir, mesh, info, train_source, eval_source, image_shape):
                 dt = time.perf_counter() - t0
                 steps_per_s = (step - step0) / dt
                 m = dict(pending[-1][1])
-                row = {f"train/{k}": v for k, v in m.items()}
+                monitored = monitors.flatten(m.pop("monitor")) if "monitor" in m else {}
+                row = {f"train/{k}": v for k, v in m.items()} | monitored
                 row.update({"train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * batch_size,
                             # a stalled input pipeline shows here: the share of wall time spent waiting for data
                             "train/data_wait_s": data_wait / (step - step0), "train/data_wait_frac": data_wait / dt,

@@ -14,10 +14,13 @@ def as_targets(labels, num_classes, label_smoothing=0.0):
     return targets
 
 
-def per_example_loss(name, logits, labels, label_smoothing=0.0):
+def per_example_loss(name, logits, labels, label_smoothing=0.0, z_loss=0.0):
+    """z_loss: the coefficient of z_loss * logsumexp(logits)^2 added to softmax_xent (arXiv 2309.14322 §3.1.2: it
+    keeps log Z near 0 against the output-logit divergence; 1e-4 there)."""
     targets = as_targets(labels, logits.shape[-1], label_smoothing)
     if name == "softmax_xent":
-        return optax.softmax_cross_entropy(logits, targets)
+        loss = optax.softmax_cross_entropy(logits, targets)
+        return loss + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1)) if z_loss else loss
     if name == "sigmoid_xent":  # summed over classes, as in big_vision's JFT training
         return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
     raise ValueError(f"loss: unknown loss {name!r}; expected one of {LOSSES}")

@@ -15,7 +15,10 @@ SAFE_TO_CHANGE = (
     "input.eval_split", "input.eval_batch_size", "input.pp_eval",
     "model.impl", "model.attention_impl", "model.remat_policy", "model.attn_chunks",
     "grad_accum_steps",  # the same update from microbatches; the state holds no partial sums
+    "monitors",  # measured, not trained on
 )
+# Keys added after checkpoints were written without them, with the value that means what their absence meant.
+ADDED_DEFAULTS = {"z_loss": 0.0}
 
 
 class ConfigChangedError(ValueError):
@@ -48,7 +51,7 @@ def _covered(key, prefixes):
 
 def check(stored, config, where):
     """Raise ConfigChangedError if CONFIG differs from STORED (a config_dict) outside the keys that may change."""
-    old, new = _flat(stored), _flat(config_dict(config))
+    old, new = ADDED_DEFAULTS | _flat(stored), ADDED_DEFAULTS | _flat(config_dict(config))
     allowed = SAFE_TO_CHANGE + allowed_changes(config)
     changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not _covered(k, allowed)]
     if changed:

@@ -82,7 +82,8 @@ def example_losses(model, params, batch, config, *, train, rng=None, smoothing=0
         sums = error.sum(axis=(1, 2, 3)) / batch["image"].shape[-1]
         return sums * batch["mask"], pixels.sum(axis=(1, 2)) * batch["mask"], rec
     logits = model.apply({"params": params}, batch["image"], train=train, rngs=rngs)
-    per_example = losses.per_example_loss(config.loss, logits, batch["label"], smoothing)
+    per_example = losses.per_example_loss(config.loss, logits, batch["label"], smoothing,
+                                          z_loss=config.get("z_loss", 0.0) if train else 0.0)
     return per_example * batch["mask"], batch["mask"], logits
 
 
