@@ -15,6 +15,8 @@ import jax.numpy as jnp
 ATTENTION = "monitor_attention"
 RESIDUAL = "monitor_residual"
 COLLECTIONS = (ATTENTION, RESIDUAL)
+# nn.scan's variable_axes for scanned blocks: the sown values stack over the layers as the parameters do.
+SCAN_AXES = {"params": 0, ATTENTION: 0, RESIDUAL: 0}
 
 
 def wanted(module, collection):

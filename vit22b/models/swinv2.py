@@ -49,8 +49,6 @@ LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 NORM_POSITIONS = ("post", "pre")  # V2 res-post-norm, V1 pre-norm
 ATTENTIONS = ("cosine", "dot")  # V2 scaled cosine, V1 scaled dot product
 POSITION_BIASES = ("log_cpb", "table")  # V2 log-spaced continuous bias (an MLP), V1 learned table
-# Scanned stages stack the sown monitors over their groups as they stack the parameters.
-SCAN_AXES = {"params": 0, monitors.ATTENTION: 0, monitors.RESIDUAL: 0}
 
 dense_init = nn.initializers.normal(0.02)  # torch trunc_normal_(std=.02) cuts at +-2 absolute: ~ untruncated
 
@@ -409,7 +407,7 @@ class SwinTransformerV2(nn.Module):
                 group = SwinBlockGroup
                 if policy is not None:
                     group = nn.remat(SwinBlockGroup, policy=policy, prevent_cse=False)
-                stack = nn.scan(group, variable_axes=SCAN_AXES, split_rngs={"params": True, "dropout": True},
+                stack = nn.scan(group, variable_axes=monitors.SCAN_AXES, split_rngs={"params": True, "dropout": True},
                                 length=depth // g, metadata_params={nn.PARTITION_NAME: "layers"})
                 extra = bool(self.extra_norm_every) and g == self.extra_norm_every
                 x, _ = stack(g, kw, extra, not train, name=f"layers_{i}_blocks")(

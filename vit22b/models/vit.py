@@ -407,8 +407,7 @@ class ViT(nn.Module):
 
         block_cls, kw = self._block()
         if self.scan:
-            stack = nn.scan(block_cls, variable_axes={"params": 0, **{c: 0 for c in monitors.COLLECTIONS}},
-                            split_rngs={"params": True},
+            stack = nn.scan(block_cls, variable_axes=monitors.SCAN_AXES, split_rngs={"params": True},
                             length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(**kw, name="blocks")(x, None)
         else:

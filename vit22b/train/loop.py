@@ -91,6 +91,13 @@ def abstract_batch(batch_size, image_shape, num_classes, multi_label=False, conf
     return batch | {"label": jax.ShapeDtypeStruct(*label)}
 
 
+def microbatches(batch, accum):
+    """The batch as [accum, batch / accum, ...]: microbatch j takes examples j, j + accum, ... The batch axis stays
+    sharded as it came, every device giving each microbatch its share (a contiguous split would put each
+    microbatch on a few devices)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
+
+
 def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True, monitor=()):
     """The jitted step; trace, lower and call it inside `sharding.activate(mesh, rules)`.
 
@@ -115,9 +122,7 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True,
 
         if accum == 1:
             return jax.value_and_grad(loss_fn)(params, batch, rng)
-        # Microbatch j takes examples j, j + accum, ...: the batch axis stays sharded as it came, every device
-        # giving each microbatch its share (a contiguous split would put each microbatch on a few devices).
-        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
+        micro = microbatches(batch, accum)
 
         def add(total, xs):
             mb, j = xs
@@ -132,7 +137,7 @@ def make_train_step(model, tx, lr_fn, config, state_shardings, mesh, norms=True,
         rng = jax.random.fold_in(state["rng"], state["step"])
         loss, grads = loss_and_grads(state["params"], batch, rng)
         if monitor:  # microbatch 0 as loss_and_grads splits the batch
-            first = batch if accum == 1 else jax.tree.map(lambda x: x.reshape((-1, accum) + x.shape[1:])[:, 0], batch)
+            first = batch if accum == 1 else jax.tree.map(lambda x: x[0], microbatches(batch, accum))
             monitored = monitors.compute(model, state["params"], first, config, monitor)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

@@ -80,7 +80,7 @@ def _block_values(path, node, out):
 def _labels(mods, value):
     """(label, value) pairs for one sown leaf at module path `mods` (see the module docstring for the names)."""
     joined = "/".join(mods)
-    if m := re.fullmatch(r"blocks", joined):  # ViT's scanned stack: [depth]
+    if joined == "blocks":  # ViT's scanned stack: [depth]
         return [(f"block_{i:02d}", v) for i, v in enumerate(value)]
     if m := re.fullmatch(r"layers_(\d+)_blocks/blocks_(\d+)", joined):  # Swin's scanned groups: [groups]
         return [((m.group(1), int(m.group(2)), i), v) for i, v in enumerate(value)]  # resolved in flatten
